@@ -1,0 +1,120 @@
+"""The queue client: the only place on the web side that knows RQ's API.
+
+Jobs are enqueued by dotted path with RQ's JSON serializer and deterministic ids
+(see ``PredictRequest.job_id``), so submitting the same task twice is one job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from labelassist.workers.contract import (
+    PREDICT_JOB,
+    QUEUE_PREDICT,
+    JobFailure,
+    PredictRequest,
+    PredictResult,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.02  # how often wait() looks at job states
+JOB_RETRIES = 2  # a job whose worker died or raised is run again this many times
+RETRY_INTERVALS_S = [5, 30]
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    timeout_s: int
+    result_ttl_s: int
+    failure_ttl_s: int
+
+
+class QueueClient:
+    """Submit predict jobs and collect their results."""
+
+    def __init__(self, connection: Redis, options: JobOptions):
+        self.connection = connection
+        self.options = options
+        self._queues: dict[str, Queue] = {}
+
+    def queue(self, name: str) -> Queue:
+        if name not in self._queues:
+            self._queues[name] = Queue(name, connection=self.connection, serializer=JSONSerializer)
+        return self._queues[name]
+
+    def submit(self, request: PredictRequest, queue: str = QUEUE_PREDICT, timeout_s: int | None = None) -> str:
+        """Enqueue ``request`` unless a live or finished job with its id exists; return the job id."""
+        job_id = request.job_id()
+        existing = self._fetch(job_id)
+        if existing is not None:
+            status = existing.get_status(refresh=False)
+            if status not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, None):
+                return job_id
+            existing.delete()
+        self.queue(queue).enqueue(
+            PREDICT_JOB,
+            request.to_json(),
+            job_id=job_id,
+            job_timeout=timeout_s or self.options.timeout_s,
+            result_ttl=self.options.result_ttl_s,
+            failure_ttl=self.options.failure_ttl_s,
+            retry=Retry(max=JOB_RETRIES, interval=RETRY_INTERVALS_S),
+            description=f"task {request.task_id}",
+        )
+        return job_id
+
+    def result(self, job_id: str) -> PredictResult | None:
+        """The job's result; None while it is queued or running.
+
+        A job that failed for good (retries spent) or vanished yields a result
+        whose ``error`` says so, so no task is silently dropped.
+        """
+        job = self._fetch(job_id)
+        if job is None:
+            return _failure(job_id, "job_lost", "the job is unknown to the queue (expired or deleted); submit the task again")
+        status = job.get_status(refresh=False)
+        if status == JobStatus.FINISHED:
+            return PredictResult.from_json(job.return_value(refresh=False))
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+            if status == JobStatus.FAILED and job.retries_left:
+                return None  # RQ will run it again
+            reason = (job.exc_info or "").strip().splitlines()[-1:] or [str(status)]
+            return _failure(job_id, "worker_failed", f"the worker could not process this task: {reason[0]}")
+        return None
+
+    def wait(self, job_ids: Iterable[str], timeout_s: float) -> dict[str, PredictResult]:
+        """Wait up to ``timeout_s`` for the jobs; return those that finished (either way)."""
+        pending = list(dict.fromkeys(job_ids))
+        done: dict[str, PredictResult] = {}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for job_id in list(pending):
+                res = self.result(job_id)
+                if res is not None:
+                    done[job_id] = res
+                    pending.remove(job_id)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_INTERVAL_S)
+        return done
+
+    def _fetch(self, job_id: str) -> Job | None:
+        try:
+            return Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return None
+
+
+def _failure(job_id: str, code: str, message: str) -> PredictResult:
+    task_id = job_id.split("-")[2] if job_id.count("-") >= 3 else job_id
+    return PredictResult(task_id=task_id, model_version="", error=JobFailure(code, message))

@@ -1,0 +1,95 @@
+"""Service settings: one frozen object, read from the environment once at the edge.
+
+Every setting has an environment variable ``LABELASSIST_<NAME>`` and a CLI option;
+defaults are the named constants below, with their units.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "LABELASSIST_"
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9090  # Label Studio's conventional ML-backend port
+DEFAULT_MODELS = "default"  # SAM vit_b + OpenCLIP ViT-B-32 laion2b_s34b_b79k; "tiny-random" for wiring checks
+DEFAULT_DEVICE = "auto"  # CUDA with bf16 where present, else CPU fp32
+DEFAULT_PREDICT_WAIT_S = 60.0  # how long /predict waits for jobs; Label Studio gives up at 100 s
+DEFAULT_JOB_TIMEOUT_S = 600  # one image through the whole pipeline, worst case on a CPU
+DEFAULT_INTERACTIVE_TIMEOUT_S = 60
+DEFAULT_RESULT_TTL_S = 24 * 3600  # finished results stay this long, so a late reader still finds them
+DEFAULT_FAILURE_TTL_S = 7 * 24 * 3600
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # ~8000 x 8000; larger images are refused, not resized
+DEFAULT_EMBEDDING_CACHE_SIZE = 32  # SAM image embeddings kept per worker (LRU)
+DEFAULT_TORCH_THREADS = 0  # 0: leave torch's default
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "labelassist"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Queue: None means "embedded": serve starts a private Redis and one worker itself.
+    redis_url: str | None = None
+    # Models and devices (workers).
+    models: str = DEFAULT_MODELS
+    sam_model: str | None = None  # overrides the preset's SAM (vit_b, vit_l, vit_h, tiny-random)
+    sam_weights: str | None = None  # local path or URL; None: the registry's URL into the cache
+    clip_model: str | None = None
+    clip_pretrained: str | None = None  # tag or local file
+    device: str = DEFAULT_DEVICE
+    cache_dir: Path = default_cache_dir()
+    torch_threads: int = DEFAULT_TORCH_THREADS
+    embedding_cache_size: int = DEFAULT_EMBEDDING_CACHE_SIZE
+    # Jobs.
+    job_timeout_s: int = DEFAULT_JOB_TIMEOUT_S
+    interactive_timeout_s: int = DEFAULT_INTERACTIVE_TIMEOUT_S
+    result_ttl_s: int = DEFAULT_RESULT_TTL_S
+    failure_ttl_s: int = DEFAULT_FAILURE_TTL_S
+    # Images.
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # Web tier.
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    predict_wait_s: float = DEFAULT_PREDICT_WAIT_S
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``LABELASSIST_*`` variables; keyword overrides (CLI options) win over them."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        for name in ("port", "job_timeout_s", "interactive_timeout_s", "result_ttl_s", "max_image_bytes", "max_image_pixels", "embedding_cache_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a positive number, got {getattr(self, name)!r}")
+        if not 0 < self.predict_wait_s < 100:
+            raise ValueError(f"{ENV_PREFIX}PREDICT_WAIT_S: expected 0 < seconds < 100 (Label Studio's /predict timeout), got {self.predict_wait_s}")
+
+
+def _coerce(name: str, type_name: Any, raw: str) -> Any:
+    t = str(type_name)
+    try:
+        if t.startswith("int"):
+            return int(raw)
+        if t.startswith("float"):
+            return float(raw)
+        if t == "Path":
+            return Path(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected {t}, got {raw!r}") from None
+    return raw
