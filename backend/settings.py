@@ -6,6 +6,7 @@ defaults are the named constants below, with their units.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,6 +27,10 @@ DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # ~8000 x 8000; larger images are refused, not resized
 DEFAULT_EMBEDDING_CACHE_SIZE = 32  # SAM image embeddings kept per worker (LRU)
 DEFAULT_TORCH_THREADS = 0  # 0: leave torch's default
+DEFAULT_INTERACTIVE_WAIT_S = 30.0  # how long an interactive /predict waits for its one prompt
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024  # larger HTTP bodies get 413 (a /predict of ~10k tasks fits)
+DEFAULT_WEB_THREADS = 16  # request threads: /health must answer while /predict calls wait on jobs
+DEFAULT_PUSH_INTERVAL_S = 1.0  # how often the follow-up looks for finished jobs to push to Label Studio
 
 
 def default_cache_dir() -> Path:
@@ -59,6 +64,23 @@ class Settings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     predict_wait_s: float = DEFAULT_PREDICT_WAIT_S
+    interactive_wait_s: float = DEFAULT_INTERACTIVE_WAIT_S
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    web_threads: int = DEFAULT_WEB_THREADS
+    push_interval_s: float = DEFAULT_PUSH_INTERVAL_S
+    # Basic auth for Label Studio's calls (both set: on). /webhook/<secret> is exempt.
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    webhook_secret: str | None = None  # unset: a random one kept in Redis
+    # Label Studio: API access for image downloads and pushing late predictions.
+    # Unset: the host name and token that Label Studio sends in /setup.
+    ls_url: str | None = None
+    ls_token: str | None = None  # legacy token or personal access token
+    local_files_root: str | None = None  # LOCAL_FILES_DOCUMENT_ROOT, when the backend shares Label Studio's disk
+    allowed_hosts: str | None = None  # comma-separated extra hosts images may come from
+    # Job settings as JSON objects of ProposalSettings / ScoringSettings fields, e.g. '{"points_per_side": 16}'.
+    proposals: str | None = None
+    scoring: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -77,8 +99,34 @@ class Settings:
         for name in ("port", "job_timeout_s", "interactive_timeout_s", "result_ttl_s", "max_image_bytes", "max_image_pixels", "embedding_cache_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a positive number, got {getattr(self, name)!r}")
+        for name in ("max_request_bytes", "web_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a positive number, got {getattr(self, name)!r}")
+        if not 0 < self.interactive_wait_s < 100:
+            raise ValueError(f"{ENV_PREFIX}INTERACTIVE_WAIT_S: expected 0 < seconds < 100 (Label Studio's /predict timeout), got {self.interactive_wait_s}")
+        if self.push_interval_s <= 0:
+            raise ValueError(f"{ENV_PREFIX}PUSH_INTERVAL_S: expected a positive number of seconds, got {self.push_interval_s}")
+        for name in ("proposals", "scoring"):
+            json_object_setting(self, name)  # fail at start-up, not on the first task
         if not 0 < self.predict_wait_s < 100:
             raise ValueError(f"{ENV_PREFIX}PREDICT_WAIT_S: expected 0 < seconds < 100 (Label Studio's /predict timeout), got {self.predict_wait_s}")
+
+
+def json_object_setting(settings: Settings, name: str) -> dict[str, Any]:
+    """A JSON-object setting (``proposals``, ``scoring``) parsed and checked against its contract type."""
+    from labelassist.workers.contract import ProposalSettings, ScoringSettings
+    from labelassist.workers.errors import ContractError
+
+    raw = getattr(settings, name)
+    if not raw:
+        return {}
+    kind = {"proposals": ProposalSettings, "scoring": ScoringSettings}[name]
+    try:
+        value = json.loads(raw)
+        kind.from_json(value)
+    except (ValueError, ContractError) as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a JSON object of {kind.__name__} fields, got {raw!r} ({exc})") from None
+    return value
 
 
 def _coerce(name: str, type_name: Any, raw: str) -> Any:
