@@ -77,7 +77,7 @@ class Settings:
     ls_url: str | None = None
     ls_token: str | None = None  # legacy token or personal access token
     local_files_root: str | None = None  # LOCAL_FILES_DOCUMENT_ROOT, when the backend shares Label Studio's disk
-    allowed_hosts: str | None = None  # comma-separated extra hosts images may come from
+    allowed_image_hosts: str | None = None  # comma-separated extra hosts images may come from ("cdn.example.com", "*.example.com")
     # Job settings as JSON objects of ProposalSettings / ScoringSettings fields, e.g. '{"points_per_side": 16}'.
     proposals: str | None = None
     scoring: str | None = None
