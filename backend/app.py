@@ -203,9 +203,9 @@ def _error(status: int, code: str, message: str) -> Response:
 
 
 def _json_object() -> dict[str, Any]:
-    if not request.data:
+    if not request.get_data(cache=True):
         raise RequestError("empty body: expected a JSON object")
-    body = request.get_json(silent=True)
+    body = request.get_json(force=True, silent=True)  # Label Studio sends application/json; curl users may not
     if body is None:
         raise RequestError("malformed JSON body: expected a JSON object (Content-Type: application/json)")
     if not isinstance(body, dict):

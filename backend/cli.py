@@ -30,6 +30,18 @@ _SETTING_OPTIONS = {
     "host": ("--host", str, "Address the web tier listens on."),
     "port": ("--port", int, "Port the web tier listens on."),
     "predict_wait_s": ("--predict-wait", float, "Seconds /predict waits for jobs before answering with what is done."),
+    "interactive_wait_s": ("--interactive-wait", float, "Seconds an interactive /predict waits for its prompt's job."),
+    "web_threads": ("--web-threads", int, "Request threads of the web tier."),
+    "max_request_bytes": ("--max-request-bytes", int, "Largest HTTP body accepted (413 above)."),
+    "basic_auth_user": ("--basic-auth-user", str, "Basic auth user Label Studio must send (with --basic-auth-pass)."),
+    "basic_auth_pass": ("--basic-auth-pass", str, "Basic auth password Label Studio must send."),
+    "webhook_secret": ("--webhook-secret", str, "Secret path segment of /webhook/<secret> (default: a random one kept in Redis)."),
+    "ls_url": ("--ls-url", str, "Label Studio URL as this machine reaches it (default: the host name Label Studio sends in /setup)."),
+    "ls_token": ("--ls-token", str, "Label Studio personal access token or legacy key (default: the one sent in /setup)."),
+    "local_files_root": ("--local-files-root", click.Path(file_okay=False), "Label Studio's LOCAL_FILES_DOCUMENT_ROOT as mounted here, to read local files from disk."),
+    "allowed_image_hosts": ("--allowed-image-hosts", str, "Comma-separated hosts besides Label Studio that images may come from."),
+    "proposals": ("--proposals", str, 'Mask proposal settings as JSON, e.g. \'{"points_per_side": 16}\'.'),
+    "scoring": ("--scoring", str, 'Label scoring settings as JSON, e.g. \'{"label_threshold": 0.4}\'.'),
 }
 
 
@@ -78,6 +90,46 @@ def worker(queues: str | None, burst: bool, **options) -> None:
     queues = queues or os.environ.get(ENV_PREFIX + "QUEUES")
     names = tuple(q.strip() for q in queues.split(",")) if queues else INFERENCE_QUEUES
     run_worker(WorkerConfig.from_settings(settings), settings.redis_url, names, burst=burst)
+
+
+@cli.command()
+@setting_options("redis_url", "models", "sam_model", "sam_weights", "clip_model", "clip_pretrained", "device", "cache_dir",
+                 "torch_threads", "host", "port", "predict_wait_s", "interactive_wait_s", "web_threads", "max_request_bytes",
+                 "basic_auth_user", "basic_auth_pass", "webhook_secret", "ls_url", "ls_token", "local_files_root",
+                 "allowed_image_hosts", "proposals", "scoring")
+def serve(**options) -> None:
+    """Serve the Label Studio ML backend; without a Redis URL, also a private Redis and one worker."""
+    from labelassist.backend.embedded import serve as run_serve
+
+    run_serve(build_settings(**options))
+
+
+@cli.command()
+@click.option("--ls-url", required=True, envvar=ENV_PREFIX + "LS_URL", help=f"Label Studio URL [env {ENV_PREFIX}LS_URL].")
+@click.option("--token", required=True, envvar=ENV_PREFIX + "LS_TOKEN",
+              help=f"Label Studio personal access token or legacy API key [env {ENV_PREFIX}LS_TOKEN].")
+@click.option("--project", "project_id", required=True, type=int, envvar=ENV_PREFIX + "PROJECT", help=f"Project id [env {ENV_PREFIX}PROJECT].")
+@click.option("--backend-url", required=True, envvar=ENV_PREFIX + "BACKEND_URL",
+              help=f"This backend's URL as Label Studio reaches it [env {ENV_PREFIX}BACKEND_URL].")
+@click.option("--title", default="labelassist", show_default=True, envvar=ENV_PREFIX + "BACKEND_TITLE",
+              help=f"Name of the backend in Label Studio [env {ENV_PREFIX}BACKEND_TITLE].")
+@click.option("--basic-auth-user", default=None, envvar=ENV_PREFIX + "BASIC_AUTH_USER", help=f"The backend's basic auth user [env {ENV_PREFIX}BASIC_AUTH_USER].")
+@click.option("--basic-auth-pass", default=None, envvar=ENV_PREFIX + "BASIC_AUTH_PASS", help=f"The backend's basic auth password [env {ENV_PREFIX}BASIC_AUTH_PASS].")
+@click.option("--extra-params", default=None, envvar=ENV_PREFIX + "EXTRA_PARAMS",
+              help='Per-project job settings as JSON, e.g. \'{"scoring": {"label_threshold": 0.4}}\' '
+                   f"[env {ENV_PREFIX}EXTRA_PARAMS].")
+@click.option("--wait", "wait_s", default=300.0, show_default=True, type=float, envvar=ENV_PREFIX + "CONNECT_WAIT_S",
+              help=f"Seconds to wait for the workers to publish their model version [env {ENV_PREFIX}CONNECT_WAIT_S].")
+def connect(**options) -> None:
+    """Connect a Label Studio project: add this backend (interactive on), its webhook, and our model version."""
+    from labelassist.backend.connect import ConnectError, connect_project
+
+    try:
+        outcome = connect_project(**options)
+    except ConnectError as exc:
+        raise click.ClickException(str(exc)) from None
+    log.info("project %s connected: backend %s, webhook %s, model version %s",
+             outcome.project_id, outcome.ml_backend_id, outcome.webhook_url, outcome.model_version)
 
 
 def main() -> None:
