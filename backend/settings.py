@@ -38,6 +38,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "labelassist"
 
 
+def default_data_dir() -> Path:
+    """Where kept data lives (the correction store), apart from the disposable cache."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "labelassist"
+
+
 @dataclass(frozen=True)
 class Settings:
     # Queue: None means "embedded": serve starts a private Redis and one worker itself.
@@ -81,6 +87,9 @@ class Settings:
     # Job settings as JSON objects of ProposalSettings / ScoringSettings fields, e.g. '{"points_per_side": 16}'.
     proposals: str | None = None
     scoring: str | None = None
+    # Corrections log: unset -> SQLite in data_dir; postgresql://user@host/db -> PostgreSQL.
+    corrections_url: str | None = None
+    data_dir: Path = default_data_dir()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -96,6 +105,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
         for name in ("port", "job_timeout_s", "interactive_timeout_s", "result_ttl_s", "max_image_bytes", "max_image_pixels", "embedding_cache_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a positive number, got {getattr(self, name)!r}")
