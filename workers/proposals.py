@@ -1,0 +1,321 @@
+"""Automatic mask proposals on SAM's image encoder and mask decoder, built for speed.
+
+Same settings and, where it matters, the same arithmetic as segment-anything's
+``SamAutomaticMaskGenerator``, so results carry over; what differs is where the
+work happens:
+
+- prompts are decoded in large batches against one image embedding;
+- masks are filtered *before* upsampling: the predicted IoU is independent of
+  resolution, so that filter is exact at 256x256; the stability score is
+  estimated at 256x256 and only masks within ``STABILITY_PREFILTER_MARGIN`` of
+  the threshold are upsampled, where the exact full-resolution score decides;
+- boxes, NMS and de-duplication run on the device, and masks reach the host once.
+
+The stock generator upsamples all ``3 * points_per_side**2`` masks to full
+resolution in fp32 and builds RLE mask by mask; at 1024x1024 that is ~3 billion
+interpolated values per image, most of them thrown away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops.boxes import batched_nms
+
+from labelassist.workers.contract import Prompt, ProposalSettings
+
+# Masks whose low-resolution stability is this far below the threshold are still
+# upsampled and checked exactly; measured on random and real-shaped logits, the
+# 256 -> 1024 estimate errs by well under this (bench/pipeline.py reports parity).
+STABILITY_PREFILTER_MARGIN = 0.15
+MASK_THRESHOLD = 0.0  # SAM's logit threshold for a pixel to be in the mask
+CROP_EDGE_ATOL_PX = 20.0  # as segment-anything: a box this close to an inner crop edge is cut off
+
+
+@dataclass
+class ImageEmbedding:
+    """SAM's image embedding plus the sizes needed to map masks back.
+
+    ``features``: (1, C, 64, 64) on the model's device. ``input_size``: (h, w) of
+    the image after resizing its longest side to the encoder size.
+    ``original_size``: (h, w) of the image (or crop) that was embedded.
+    """
+
+    features: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+@dataclass
+class Proposals:
+    """Masks kept by the generator, best first.
+
+    ``masks``: (N, H, W) bool on the device, at the original image size.
+    ``boxes_xyxy_px``: (N, 4) float. ``predicted_iou``, ``stability_score``: (N,).
+    ``points_xy_px``: (N, 2), the prompt that produced each mask.
+    """
+
+    masks: torch.Tensor
+    boxes_xyxy_px: torch.Tensor
+    predicted_iou: torch.Tensor
+    stability_score: torch.Tensor
+    points_xy_px: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+
+class SamEngine:
+    """Thin, stateless operations over one resident SAM model.
+
+    Unlike ``SamPredictor`` it holds no per-image state, so one engine serves
+    every job and embeddings can be cached outside it.
+    """
+
+    def __init__(self, sam, device: torch.device, dtype: torch.dtype):
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.sam = sam
+        self.device = device
+        self.dtype = dtype
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        # Set by compile(): the decoder then runs at one batch size, so short
+        # batches are padded rather than compiled again.
+        self.fixed_batch: int | None = None
+
+    def compile(self, batch: int) -> None:
+        """Compile the mask decoder for prompt batches of ``batch``.
+
+        On a CPU the decoder is memory-bound: fusing its element-wise chains cuts
+        its time several-fold (see bench/pipeline.py). Worth it only in a
+        resident worker; the first batches pay the compilation.
+        """
+        self.sam.mask_decoder = torch.compile(self.sam.mask_decoder, dynamic=False)
+        self.fixed_batch = batch
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.dtype != torch.float32
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=enabled)
+
+    @torch.inference_mode()
+    def embed(self, image_rgb: np.ndarray) -> ImageEmbedding:
+        """Embed an RGB uint8 (H, W, 3) image."""
+        resized = self.transform.apply_image(image_rgb)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        x = self.sam.preprocess(x.float())
+        with self._autocast():
+            features = self.sam.image_encoder(x)
+        return ImageEmbedding(features.float(), tuple(resized.shape[:2]), tuple(image_rgb.shape[:2]))
+
+    @torch.inference_mode()
+    def decode(self, emb: ImageEmbedding, points_xy_px: torch.Tensor | None, point_labels: torch.Tensor | None,
+               box_xyxy_px: torch.Tensor | None = None, multimask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode prompts; return (low-res logits (B, M, 256, 256) fp32, predicted IoU (B, M)).
+
+        ``points_xy_px``: (B, P, 2) in pixels of the embedded image; ``point_labels``: (B, P).
+        ``box_xyxy_px``: (B, 4). M is 3 with ``multimask`` else 1.
+        """
+        points = None
+        if points_xy_px is not None:
+            coords = self.transform.apply_coords_torch(points_xy_px.to(self.device, torch.float32), emb.original_size)
+            points = (coords, point_labels.to(self.device))
+        boxes = None
+        if box_xyxy_px is not None:
+            boxes = self.transform.apply_boxes_torch(box_xyxy_px.to(self.device, torch.float32), emb.original_size)
+        with self._autocast():
+            sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=emb.features,
+                image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        return low_res.float(), iou.float()
+
+    def decode_points(self, emb: ImageEmbedding, points_xy_px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One positive point per prompt, (B, 2) px -> three candidate masks each, as ``decode``."""
+        n = len(points_xy_px)
+        if self.fixed_batch is not None and n % self.fixed_batch:
+            pad = self.fixed_batch - n % self.fixed_batch
+            points_xy_px = torch.cat([points_xy_px, points_xy_px[-1:].expand(pad, 2)])
+        low_res, iou = self.decode(emb, points_xy_px[:, None, :], torch.ones(len(points_xy_px), 1, dtype=torch.int64))
+        return low_res[:n], iou[:n]
+
+    def upsample(self, emb: ImageEmbedding, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (N, 256, 256) -> logits (N, H, W) at the original size, as SAM's postprocess_masks."""
+        size = self.sam.image_encoder.img_size
+        x = F.interpolate(low_res[:, None], (size, size), mode="bilinear", align_corners=False)
+        x = x[..., : emb.input_size[0], : emb.input_size[1]]
+        x = F.interpolate(x, emb.original_size, mode="bilinear", align_corners=False)
+        return x[:, 0]
+
+    def low_res_valid(self, emb: ImageEmbedding, low_res: torch.Tensor) -> torch.Tensor:
+        """The part of the low-res logits that covers the image, not the padding."""
+        scale = low_res.shape[-1] / self.sam.image_encoder.img_size
+        h = int(np.ceil(emb.input_size[0] * scale))
+        w = int(np.ceil(emb.input_size[1] * scale))
+        return low_res[..., :h, :w]
+
+    @torch.inference_mode()
+    def predict_prompt(self, emb: ImageEmbedding, prompt: Prompt) -> tuple[torch.Tensor, float]:
+        """One interactive prompt -> (mask (H, W) bool, predicted IoU) of the best of SAM's candidates."""
+        points = labels = box = None
+        if prompt.points_xy_px:
+            points = torch.tensor(prompt.points_xy_px, dtype=torch.float32)[None]
+            labels = torch.tensor(prompt.point_labels, dtype=torch.int64)[None]
+        if prompt.box_xyxy_px is not None:
+            box = torch.tensor(prompt.box_xyxy_px, dtype=torch.float32)[None]
+        # One point is ambiguous (part or whole?): ask for three and take the best.
+        multimask = box is None and len(prompt.points_xy_px) == 1
+        low_res, iou = self.decode(emb, points, labels, box, multimask=multimask)
+        best = int(torch.argmax(iou[0]))
+        logits = self.upsample(emb, low_res[0, best : best + 1])
+        return logits[0] > MASK_THRESHOLD, float(iou[0, best])
+
+
+def stability_score(logits: torch.Tensor, offset: float) -> torch.Tensor:
+    """IoU of the masks thresholded at +offset and -offset (segment-anything's definition). (N, H, W) -> (N,)."""
+    high = (logits > MASK_THRESHOLD + offset).flatten(1).sum(1, dtype=torch.int32)
+    low = (logits > MASK_THRESHOLD - offset).flatten(1).sum(1, dtype=torch.int32)
+    return high / low.clamp(min=1)
+
+
+def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, 4) int boxes, inclusive max (as segment-anything); empty masks give zeros."""
+    from segment_anything.utils.amg import batched_mask_to_box
+
+    return batched_mask_to_box(masks)
+
+
+class ProposalGenerator:
+    """SAM automatic proposals for one image, over its crops."""
+
+    def __init__(self, engine: SamEngine):
+        self.engine = engine
+
+    def generate(self, image_rgb: np.ndarray, settings: ProposalSettings, embed=None) -> Proposals:
+        """Proposals for an RGB uint8 (H, W, 3) image.
+
+        ``embed(image_rgb, crop_box_xyxy) -> ImageEmbedding`` lets the caller cache
+        embeddings; by default every crop is embedded afresh.
+        """
+        from segment_anything.utils.amg import build_all_layer_point_grids, generate_crop_boxes
+
+        embed = embed or (lambda img, box: self.engine.embed(img))
+        h, w = image_rgb.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes((h, w), settings.crop_n_layers, settings.crop_overlap_ratio)
+        grids = build_all_layer_point_grids(settings.points_per_side, settings.crop_n_layers, settings.crop_n_points_downscale_factor)
+        parts = []
+        for crop_box, layer in zip(crop_boxes, layer_idxs):
+            x0, y0, x1, y1 = crop_box
+            crop = image_rgb[y0:y1, x0:x1]
+            emb = embed(crop, tuple(crop_box))
+            part = self._crop_proposals(emb, grids[layer], crop_box, (h, w), settings)
+            parts.append((part, crop_box))
+        if len(parts) == 1:
+            return self._finish(parts[0][0], settings)
+        merged = _cat([p for p, _ in parts])
+        # Prefer masks from smaller crops, as segment-anything does.
+        crop_area = torch.cat([
+            torch.full((len(p),), float((b[2] - b[0]) * (b[3] - b[1])), device=merged.masks.device) for p, b in parts
+        ])
+        keep = batched_nms(merged.boxes_xyxy_px.float(), 1.0 / crop_area, torch.zeros_like(crop_area), settings.crop_nms_thresh)
+        return self._finish(_select(merged, keep), settings)
+
+    def _crop_proposals(self, emb: ImageEmbedding, grid: np.ndarray, crop_box: list[int], image_hw: tuple[int, int],
+                        s: ProposalSettings) -> Proposals:
+        eng = self.engine
+        crop_h, crop_w = emb.original_size
+        points = torch.as_tensor(grid * np.array([crop_w, crop_h]), dtype=torch.float32)
+        kept = []
+        for start in range(0, len(points), s.points_per_batch):
+            batch = points[start : start + s.points_per_batch]
+            low_res, iou = eng.decode_points(emb, batch)
+            m = low_res.shape[1]
+            low_res = low_res.flatten(0, 1)
+            iou = iou.flatten(0, 1)
+            batch_points = batch.to(low_res.device).repeat_interleave(m, dim=0)
+            # Exact: the predicted IoU does not depend on resolution.
+            keep = iou > s.pred_iou_thresh if s.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+            if s.stability_score_thresh > 0:
+                approx = stability_score(eng.low_res_valid(emb, low_res), s.stability_score_offset)
+                keep &= approx >= s.stability_score_thresh - STABILITY_PREFILTER_MARGIN
+            idx = keep.nonzero()[:, 0]
+            if len(idx) == 0:
+                continue
+            logits = eng.upsample(emb, low_res[idx])
+            stab = stability_score(logits, s.stability_score_offset)
+            ok = stab >= s.stability_score_thresh if s.stability_score_thresh > 0 else torch.ones_like(stab, dtype=torch.bool)
+            masks = logits[ok] > MASK_THRESHOLD
+            del logits
+            boxes = masks_to_boxes_xyxy(masks)
+            part = Proposals(masks, boxes, iou[idx][ok], stab[ok], batch_points[idx][ok])
+            if tuple(crop_box) != (0, 0, image_hw[1], image_hw[0]):
+                from segment_anything.utils.amg import is_box_near_crop_edge
+
+                inner = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, image_hw[1], image_hw[0]], atol=CROP_EDGE_ATOL_PX)
+                part = _select(part, inner)
+            kept.append(part)
+        if not kept:
+            return _empty(image_hw, emb.features.device)
+        part = _cat(kept)
+        keep = batched_nms(part.boxes_xyxy_px.float(), part.predicted_iou, torch.zeros_like(part.predicted_iou), s.box_nms_thresh)
+        part = _select(part, keep)
+        return _uncrop(part, crop_box, image_hw)
+
+    def _finish(self, p: Proposals, s: ProposalSettings) -> Proposals:
+        if s.min_mask_region_area > 0 and len(p):
+            p = _remove_small_regions(p, s.min_mask_region_area, s.box_nms_thresh)
+        return p
+
+
+def _select(p: Proposals, idx: torch.Tensor) -> Proposals:
+    return Proposals(p.masks[idx], p.boxes_xyxy_px[idx], p.predicted_iou[idx], p.stability_score[idx], p.points_xy_px[idx])
+
+
+def _cat(parts: list[Proposals]) -> Proposals:
+    return Proposals(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                       ("masks", "boxes_xyxy_px", "predicted_iou", "stability_score", "points_xy_px")))
+
+
+def _empty(image_hw: tuple[int, int], device) -> Proposals:
+    h, w = image_hw
+    return Proposals(torch.zeros((0, h, w), dtype=torch.bool, device=device), torch.zeros((0, 4), device=device),
+                     torch.zeros(0, device=device), torch.zeros(0, device=device), torch.zeros((0, 2), device=device))
+
+
+def _uncrop(p: Proposals, crop_box: list[int], image_hw: tuple[int, int]) -> Proposals:
+    x0, y0, x1, y1 = crop_box
+    h, w = image_hw
+    if (x0, y0, x1, y1) == (0, 0, w, h):
+        return p
+    masks = F.pad(p.masks, (x0, w - x1, y0, h - y1), value=False)
+    offset = torch.tensor([x0, y0, x0, y0], device=p.boxes_xyxy_px.device, dtype=p.boxes_xyxy_px.dtype)
+    pts = p.points_xy_px + torch.tensor([x0, y0], device=p.points_xy_px.device, dtype=p.points_xy_px.dtype)
+    return Proposals(masks, p.boxes_xyxy_px + offset, p.predicted_iou, p.stability_score, pts)
+
+
+def _remove_small_regions(p: Proposals, min_area: int, nms_thresh: float) -> Proposals:
+    """Drop small islands and fill small holes (segment-anything's post-processing), then NMS again."""
+    from segment_anything.utils.amg import remove_small_regions
+
+    masks_np = p.masks.cpu().numpy()
+    fixed, scores = [], []
+    for mask in masks_np:
+        mask, changed = remove_small_regions(mask, min_area, mode="holes")
+        unchanged = not changed
+        mask, changed = remove_small_regions(mask, min_area, mode="islands")
+        unchanged = unchanged and not changed
+        fixed.append(mask)
+        # Unchanged masks win NMS ties, as in segment-anything.
+        scores.append(float(unchanged))
+    masks = torch.as_tensor(np.stack(fixed), device=p.masks.device)
+    boxes = masks_to_boxes_xyxy(masks)
+    keep = batched_nms(boxes.float(), torch.tensor(scores, device=boxes.device), torch.zeros(len(boxes), device=boxes.device), nms_thresh)
+    out = Proposals(masks, boxes, p.predicted_iou, p.stability_score, p.points_xy_px)
+    return _select(out, keep)
+
