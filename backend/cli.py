@@ -42,6 +42,8 @@ _SETTING_OPTIONS = {
     "allowed_image_hosts": ("--allowed-image-hosts", str, "Comma-separated hosts besides Label Studio that images may come from."),
     "proposals": ("--proposals", str, 'Mask proposal settings as JSON, e.g. \'{"points_per_side": 16}\'.'),
     "scoring": ("--scoring", str, 'Label scoring settings as JSON, e.g. \'{"label_threshold": 0.4}\'.'),
+    "corrections_url": ("--corrections-url", str, "Correction store: postgresql://... (default: SQLite in the data dir)."),
+    "data_dir": ("--data-dir", click.Path(file_okay=False), "Where kept data lives (the SQLite correction store)."),
 }
 
 
@@ -130,6 +132,58 @@ def connect(**options) -> None:
         raise click.ClickException(str(exc)) from None
     log.info("project %s connected: backend %s, webhook %s, model version %s",
              outcome.project_id, outcome.ml_backend_id, outcome.webhook_url, outcome.model_version)
+
+
+@cli.group()
+def corrections() -> None:
+    """The corrections log: what annotators did to the predictions."""
+
+
+@corrections.command("export")
+@setting_options("corrections_url", "data_dir")
+@click.option("--format", "fmt", type=click.Choice(["coco", "jsonl"]), default="jsonl", show_default=True,
+              envvar=ENV_PREFIX + "EXPORT_FORMAT", help=f"coco: final regions as COCO instances; jsonl: one annotation per line, deleted proposals included [env {ENV_PREFIX}EXPORT_FORMAT].")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), envvar=ENV_PREFIX + "EXPORT_OUT", help=f"File to write [env {ENV_PREFIX}EXPORT_OUT].")
+@click.option("--project", type=int, default=None, envvar=ENV_PREFIX + "PROJECT", help=f"Only this Label Studio project [env {ENV_PREFIX}PROJECT].")
+@click.option("--model-version", default=None, envvar=ENV_PREFIX + "EXPORT_MODEL_VERSION", help=f"Only annotations of predictions of this model version [env {ENV_PREFIX}EXPORT_MODEL_VERSION].")
+@click.option("--with-embeddings", is_flag=True, envvar=ENV_PREFIX + "EXPORT_EMBEDDINGS", help=f"jsonl: include each proposal's CLIP embedding [env {ENV_PREFIX}EXPORT_EMBEDDINGS].")
+def corrections_export(fmt: str, out_path: str, project: int | None, model_version: str | None, with_embeddings: bool, **options) -> None:
+    """Export the fine-tuning set: images, final polygons/masks, labels, and the proposal each came from."""
+    from labelassist.backend.store import StoreError, export_corrections, open_settings_store
+
+    settings = build_settings(**options)
+    try:
+        with open_settings_store(settings) as store:
+            n = export_corrections(store, fmt, out_path, project=project, model_version=model_version, with_embeddings=with_embeddings)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    log.info("exported %d annotations to %s (%s)", n, out_path, fmt)
+
+
+@cli.command()
+@setting_options("corrections_url", "data_dir")
+@click.option("--project", type=int, default=None, envvar=ENV_PREFIX + "PROJECT", help=f"Label Studio project (default: all) [env {ENV_PREFIX}PROJECT].")
+@click.option("--json", "as_json", is_flag=True, envvar=ENV_PREFIX + "REPORT_JSON", help=f"Print the numbers as JSON instead of a table [env {ENV_PREFIX}REPORT_JSON].")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), envvar=ENV_PREFIX + "REPORT_PLOT",
+              help=f"Also draw the change kinds per model version to this PNG (needs matplotlib) [env {ENV_PREFIX}REPORT_PLOT].")
+def report(project: int | None, as_json: bool, plot_path: str | None, **options) -> None:
+    """How predictions fared: acceptance, edits per task, relabel confusion, per model version."""
+    import json as json_module
+
+    from labelassist.backend.store import StoreError, format_stats_table, open_settings_store, plot_stats
+
+    settings = build_settings(**options)
+    try:
+        with open_settings_store(settings) as store:
+            stats = store.stats(project)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json_module.dumps(stats.to_json(), indent=2) if as_json else format_stats_table(stats))
+    if plot_path:
+        if plot_stats(stats, plot_path):
+            log.info("plot written to %s", plot_path)
+        else:
+            log.warning("matplotlib is not installed: no plot written (pip install matplotlib)")
 
 
 def main() -> None:

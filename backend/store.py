@@ -33,6 +33,7 @@ import datetime as dt
 import itertools
 import json
 import logging
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -42,15 +43,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from labelassist.plugin.corrections import (
-    KIND_ACCEPTED,
     KIND_ADDED,
-    KIND_DELETED,
-    KIND_EDITED,
     KIND_RELABELED,
     KINDS,
     AnnotationCorrection,
     RegionCorrection,
     RegionExtras,
+    correction_record,
+    corrections_to_coco,
 )
 from labelassist.workers.errors import LabelassistError
 
@@ -285,7 +285,7 @@ class CorrectionStats:
     """What annotators did to the predictions of a project (latest annotation versions only)."""
 
     project: int | None
-    total: VersionStats = field(default_factory=lambda: VersionStats("*"))
+    total: VersionStats = field(default_factory=lambda: VersionStats("(all versions)"))
     versions: dict[str, VersionStats] = field(default_factory=dict)
     # (label_from, label_to) -> regions relabeled that way
     relabel_confusion: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -744,3 +744,62 @@ def open_store(url: str | None, default_path: Path, *, migrate_to: int | None = 
 def open_settings_store(settings: Any) -> CorrectionStore:
     """The store ``Settings`` name: ``corrections_url``, else SQLite at ``data_dir/corrections.sqlite3``."""
     return open_store(settings.corrections_url, Path(settings.data_dir) / DEFAULT_DB_FILENAME)
+
+
+EXPORT_FORMATS = ("jsonl", "coco")
+
+
+def export_corrections(store: CorrectionStore, fmt: str, out_path: str | Path, *, project: int | None = None,
+                       model_version: str | None = None, with_embeddings: bool = False, progress: bool = True) -> int:
+    """Write the fine-tuning export (see ``correction_record`` / ``corrections_to_coco``);
+    return the number of annotations. The file appears whole or not at all."""
+    from tqdm import tqdm
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format: expected one of {EXPORT_FORMATS}, got {fmt!r}")
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    rows = tqdm(store.corrections(project=project, model_version=model_version), unit=" annotations",
+                disable=not progress, desc="export", leave=False)
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            if fmt == "jsonl":
+                for corr in rows:
+                    f.write(json.dumps(correction_record(corr, with_embeddings), separators=(",", ":")) + "\n")
+                    n += 1
+            else:
+                corrs = list(rows)
+                n = len(corrs)
+                json.dump(corrections_to_coco(corrs), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def plot_stats(stats: CorrectionStats, path: str | Path) -> bool:
+    """Stacked bars of change kinds per model version, as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    versions = list(stats.versions.values())
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(versions) + 2), 4))
+    bottom = np.zeros(len(versions))
+    for kind in KINDS:
+        values = np.array([getattr(v, kind) for v in versions], float)
+        ax.bar([v.model_version or "(none)" for v in versions], values, bottom=bottom, label=kind)
+        bottom += values
+    ax.set_ylabel("regions")
+    ax.set_title(f"corrections, project {stats.project if stats.project is not None else '(all)'}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -691,3 +691,116 @@ def diff_annotation(annotation: Mapping[str, Any], prediction: Mapping[str, Any]
         image=task_image_ref((task or {}).get("data")), image_sha256=prediction_image_sha256(pred_result if isinstance(pred_result, list) else []),
         regions=tuple(regions),
     )
+
+
+# --- exports for fine-tuning ------------------------------------------------------------
+
+
+def mask_to_coco_rle(mask: np.ndarray) -> dict[str, Any]:
+    """Bool mask (h, w) -> uncompressed COCO RLE ``{"size": [h, w], "counts": [...]}``:
+    column-major runs, the first one of zeros (possibly empty)."""
+    flat = np.asarray(mask, bool).ravel(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate(([0], change, [flat.size]))
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+
+
+@dataclass(frozen=True)
+class FinalGeometry:
+    """A final region in pixel terms: ``polygon_px`` (polygons, rectangle corners) or
+    ``rle`` (brush, COCO RLE), its ``bbox_xywh_px`` and ``area_px`` (rasterised pixels)."""
+
+    polygon_px: tuple[tuple[float, float], ...]
+    rle: dict[str, Any] | None
+    bbox_xywh_px: tuple[float, float, float, float]
+    area_px: int
+
+
+def final_geometry(r: RegionCorrection) -> FinalGeometry | None:
+    """The annotator's geometry of a region correction; None for a deleted region."""
+    if r.final_value is None or r.final_region_id is None:
+        return None
+    item = {"id": r.final_region_id, "type": r.region_type, "original_width": r.size_wh[0], "original_height": r.size_wh[1],
+            "value": r.final_value}
+    region = parse_region(item, "final region")
+    assert region is not None  # region_type is one of REGION_TYPES
+    if region.region_type == BRUSH:
+        mask = decode_brush_rle(region.rle, region.size_wh)
+        ys, xs = np.nonzero(mask)
+        bbox = (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)) if xs.size else (0.0, 0.0, 0.0, 0.0)
+        return FinalGeometry((), mask_to_coco_rle(mask), bbox, int(mask.sum()))
+    x0, y0, x1, y1 = region.box_xyxy_px() or (0.0, 0.0, 0.0, 0.0)
+    return FinalGeometry(region.points_px, None, (x0, y0, x1 - x0, y1 - y0), region.raster().area)
+
+
+def correction_record(corr: AnnotationCorrection, with_embeddings: bool = False) -> dict[str, Any]:
+    """One JSONL line of the fine-tuning export: the image, every region's final geometry
+    and label, and the proposal it came from (deleted proposals included, as negatives)."""
+    regions = []
+    for r in corr.regions:
+        geo = final_geometry(r)
+        out: dict[str, Any] = {
+            "kind": r.kind, "region_type": r.region_type, "label": r.label_to, "label_from": r.label_from,
+            "pred_region_id": r.pred_region_id, "final_region_id": r.final_region_id, "match": r.match, "iou": r.iou,
+            "pred_score": r.pred_score, "size_wh": list(r.size_wh),
+            "polygon_px": [list(p) for p in geo.polygon_px] if geo and geo.polygon_px else None,
+            "rle": geo.rle if geo else None,
+            "bbox_xywh_px": list(geo.bbox_xywh_px) if geo else None,
+            "area_px": geo.area_px if geo else None,
+            "final_value": r.final_value, "pred_value": r.pred_value,
+        }
+        if with_embeddings:
+            out["pred_embedding"] = list(r.pred_embedding)
+        regions.append(out)
+    return {
+        "annotation_id": corr.annotation_id, "task_id": corr.task_id, "project": corr.project, "image": corr.image,
+        "image_sha256": corr.image_sha256, "updated_at": corr.updated_at, "lead_time": corr.lead_time,
+        "completed_by": corr.completed_by, "prediction_id": corr.prediction_id, "model_version": corr.model_version,
+        "regions": regions,
+    }
+
+
+def corrections_to_coco(corrs: Iterable[AnnotationCorrection]) -> dict[str, Any]:
+    """A COCO instance-segmentation document of the final regions (deleted proposals are
+    not objects and are left out; the JSONL export keeps them).
+
+    One image entry per annotation (``id`` = annotation id, ``file_name`` = the task's
+    image reference), so two annotators of one task never mix. Polygons and rectangles
+    are polygon segmentations in pixels; brush strokes are uncompressed COCO RLE.
+    Each annotation's ``labelassist`` object says which proposal it came from.
+    """
+    images, annotations, labels = [], [], set()
+    pending = []
+    for corr in corrs:
+        size = next((r.size_wh for r in corr.regions if r.size_wh != (0, 0)), (0, 0))
+        images.append({"id": corr.annotation_id, "file_name": corr.image, "width": size[0], "height": size[1],
+                       "labelassist": {"task_id": corr.task_id, "project": corr.project, "image_sha256": corr.image_sha256,
+                                       "updated_at": corr.updated_at, "prediction_id": corr.prediction_id,
+                                       "model_version": corr.model_version}})
+        for r in corr.regions:
+            if r.kind == KIND_DELETED or not r.label_to:
+                continue
+            geo = final_geometry(r)
+            if geo is None:
+                continue
+            labels.add(r.label_to)
+            pending.append((corr, r, geo))
+    category_ids = {name: i + 1 for i, name in enumerate(sorted(labels))}
+    for ann_id, (corr, r, geo) in enumerate(pending, start=1):
+        seg: Any = geo.rle if geo.rle is not None else [[float(v) for p in geo.polygon_px for v in p]]
+        annotations.append({
+            "id": ann_id, "image_id": corr.annotation_id, "category_id": category_ids[r.label_to], "segmentation": seg,
+            "area": geo.area_px, "bbox": list(geo.bbox_xywh_px), "iscrowd": 0,
+            "labelassist": {"kind": r.kind, "region_type": r.region_type, "final_region_id": r.final_region_id,
+                            "pred_region_id": r.pred_region_id, "label_from": r.label_from, "iou": r.iou,
+                            "pred_score": r.pred_score, "match": r.match},
+        })
+    return {
+        "info": {"description": "labelassist corrections: final regions and the proposals they came from"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": name, "supercategory": ""} for name, i in category_ids.items()],
+    }
