@@ -18,6 +18,15 @@ Actions:
     anything else                                                  kept, acknowledged, ignored
 A body that is not a JSON object with an ``action``, or whose annotation part is
 missing, is kept as ``malformed`` with its error and answered with 400.
+
+Wiring, in the HTTP app::
+
+    store = open_settings_store(settings)
+    fetch = lambda pid: ls_client.request("GET", f"/api/predictions/{pid}/")
+    sink = EventSink(store, CorrectionProcessor(store, fetch, hooks={START_TRAINING: ...})).start()
+
+    status, reply = sink.receive(request.get_data())  # the raw bytes, before any JSON parsing
+    return jsonify(reply), status
 """
 
 from __future__ import annotations

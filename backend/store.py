@@ -7,8 +7,10 @@ What it keeps:
                            (annotation_id, updated_at): the same version twice is stored once
     region_corrections     one row per region of that version (``RegionCorrection``),
                            with the proposal's CLIP embedding (float32 little-endian) and score
-    prediction_regions     side table: score and embedding per predicted region id, written
-                           when predictions are made, read when they are diffed
+    prediction_regions     side table: score and embedding per predicted result item id
+                           (the ``id`` Label Studio stores), written when predictions are
+                           made (``put_region_extras``), read when they are diffed; the other
+                           way is the item's own ``meta`` (see ``plugin.corrections``)
     annotation_deletions   tombstones for annotations deleted in Label Studio
 
 Every write is one transaction, so a process killed mid-write leaves either the

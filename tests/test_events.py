@@ -317,3 +317,28 @@ def test_end_to_end_on_each_store(store_url, tmp_path, label_studio):
     finally:
         sink.stop()
         store.close()
+
+
+def _api_error(status):
+    from labelassist.plugin.errors import LabelStudioAPIError
+
+    return LabelStudioAPIError("GET /api/predictions/1/: ...", status=status)
+
+
+# (error a fetch raised, retried?)
+TRANSIENT_CASES = [
+    (ConnectionError("refused"), True),
+    (TimeoutError("slow"), True),
+    (OSError("network unreachable"), True),
+    (_api_error(None), True),  # Label Studio not reached
+    (_api_error(502), True),
+    (_api_error(429), True),
+    (_api_error(404), False),  # the prediction is gone
+    (_api_error(403), False),
+    (ValueError("bad JSON"), False),
+]
+
+
+@pytest.mark.parametrize("exc,transient", TRANSIENT_CASES, ids=[f"{type(e).__name__}-{getattr(e, 'status', '')}" for e, _ in TRANSIENT_CASES])
+def test_which_fetch_failures_are_retried(exc, transient):
+    assert ev._is_transient(exc) is transient
