@@ -1,0 +1,221 @@
+"""End to end: Label Studio 1.23.2 <-> labelassist serve (private Redis, one tiny-random worker).
+
+The project is connected with ``labelassist connect`` and predictions are
+retrieved the way the Data Manager's "Retrieve predictions" does it
+(``POST /api/dm/actions?id=retrieve_tasks_predictions``). Images come both as
+uploads (fetched from Label Studio with its token) and as local files (read
+from disk under ``--local-files-root``).
+
+Tiny random weights score nothing confidently, so the project's settings let
+every mask through: the control tag's ``threshold="0"`` and ``min_margin="0"``,
+and ``extra_params`` (set by ``connect --extra-params``) that switch off the
+proposal filters and the background prompts and use a coarse point grid.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image, ImageDraw
+
+from redis import Redis
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="label" toName="image" threshold="0" min_margin="0">
+    <Label value="circle"/><Label value="square"/>
+  </PolygonLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="circle"/></KeyPointLabels>
+</View>"""
+# Random weights: let every proposal and every label through (see the module docstring).
+EXTRA_PARAMS = {
+    "proposals": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 0.9},
+    "scoring": {"label_threshold": 0.0, "min_margin": 0.0, "background_prompts": []},
+}
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SERVE_START_TIMEOUT_S = 240  # the worker imports torch and builds the tiny models
+PREDICTIONS_TIMEOUT_S = 180
+
+
+def png(size_wh: tuple[int, int], seed: int) -> bytes:
+    """A picture with a few flat shapes: something for SAM to segment."""
+    w, h = size_wh
+    img = Image.new("RGB", size_wh, (30 + 40 * seed % 200, 90, 160))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((w * 0.1, h * 0.2, w * 0.5, h * 0.7), fill=(240, 200, 40))
+    draw.rectangle((w * 0.55, h * 0.3, w * 0.9, h * 0.85), fill=(20, 160, 60))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def project(label_studio) -> dict:
+    ls = label_studio
+    r = ls.api("POST", "/api/projects/", json={"title": "labelassist e2e", "label_config": CONFIG})
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    # Two uploads.
+    files = [(f"file{i}", (f"upload{i}.png", png((96, 64), i), "image/png")) for i in range(2)]
+    r = ls.api("POST", f"/api/projects/{pid}/import", files=files)
+    assert r.status_code == 201, r.text
+    # One local file: a local-files storage grants access to its directory; the task references it.
+    images = ls.files_root / "images"
+    images.mkdir()
+    (images / "local0.png").write_bytes(png((80, 60), 5))
+    r = ls.api("POST", "/api/storages/localfiles/", json={"project": pid, "path": str(images), "title": "local",
+                                                           "use_blob_urls": True})
+    assert r.status_code == 201, r.text
+    r = ls.api("POST", f"/api/projects/{pid}/import", json=[{"image": "/data/local-files/?d=images/local0.png"}])
+    assert r.status_code == 201, r.text
+    tasks = ls.api("GET", "/api/tasks/", params={"project": pid, "fields": "all", "resolve_uri": "false"}).json()["tasks"]
+    refs = [t["data"]["image"] for t in tasks]
+    uploads = [r for r in refs if r.startswith(f"/data/upload/{pid}/")]
+    assert len(refs) == 3 and len(uploads) == 2 and "/data/local-files/?d=images/local0.png" in refs, refs
+    return {"id": pid, "task_ids": sorted(t["id"] for t in tasks)}
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tmp_path_factory):
+    """``labelassist serve --models tiny-random``: its own Redis and worker, Label Studio credentials from /setup."""
+    tmp = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    log_path = tmp / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABELASSIST_")}
+    env.update(HF_HUB_OFFLINE="1", LABELASSIST_TORCH_THREADS="1")
+    cmd = [sys.executable, "-m", "labelassist.backend.cli", "serve", "--models", "tiny-random", "--host", "127.0.0.1",
+           "--port", str(port), "--cache-dir", str(tmp / "cache"), "--local-files-root", str(label_studio.files_root),
+           "--predict-wait", "60"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            try:
+                health = requests.get(url + "/health", timeout=2).json()
+                if health["model_version_source"] == "workers":
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "no worker published its model version:\n" + log_path.read_text()[-4000:]
+            time.sleep(1)
+        yield {"url": url, "version": health["model_version"], "log": log_path}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log_text = log_path.read_text()
+    assert "RANDOM WEIGHTS" in log_text and "listening on" in log_text
+
+
+@pytest.fixture(scope="module")
+def connected(label_studio, project: dict, backend: dict) -> dict:
+    cmd = [sys.executable, "-m", "labelassist.backend.cli", "connect", "--ls-url", label_studio.url, "--project",
+           str(project["id"]), "--backend-url", backend["url"], "--extra-params", json.dumps(EXTRA_PARAMS), "--wait", "30"]
+    env = {**os.environ, "LABELASSIST_LS_TOKEN": label_studio.token}  # the token through its environment variable
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [ml] = label_studio.api("GET", "/api/ml/", params={"project": project["id"]}).json()
+    assert ml["is_interactive"] and ml["model_version"] == backend["version"], ml
+    return {"ml_backend": ml}
+
+
+def test_connect_sets_version_and_secret_webhook(label_studio, project, backend, connected):
+    p = label_studio.api("GET", f"/api/projects/{project['id']}/").json()
+    assert p["model_version"] == backend["version"]
+    hooks = [h["url"] for h in label_studio.api("GET", "/api/webhooks/", params={"project": project["id"]}).json()
+             if h.get("project") == project["id"]]
+    assert len(hooks) == 1 and hooks[0].startswith(backend["url"] + "/webhook/"), hooks
+
+
+def test_retrieve_predictions_stores_one_polygon_prediction_per_task(label_studio, project, backend, connected):
+    ls, pid = label_studio, project["id"]
+    r = ls.api("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+               json={"selectedItems": {"all": True, "excluded": []}}, timeout=150)
+    assert r.status_code == 200, r.text
+    # Tasks not done within --predict-wait arrive through the follow-up; wait for every task either way.
+    deadline = time.monotonic() + PREDICTIONS_TIMEOUT_S
+    while True:
+        predictions = ls.api("GET", "/api/predictions/", params={"project": pid}).json()
+        by_task = {t: [p for p in predictions if p["task"] == t] for t in project["task_ids"]}
+        if all(by_task.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    for task_id, preds in by_task.items():
+        assert len(preds) == 1, (task_id, preds, backend["log"].read_text()[-3000:])
+        [pred] = preds
+        assert pred["model_version"] == backend["version"]
+        assert isinstance(pred["score"], float)
+        polygons = [item for item in pred["result"] if item["type"] == "polygonlabels"]
+        assert polygons, (task_id, pred, backend["log"].read_text()[-3000:])
+        for item in polygons:
+            assert item["from_name"] == "label" and item["to_name"] == "image"
+            assert item["value"]["polygonlabels"][0] in ("circle", "square")
+            assert all(0 <= x <= 100 and 0 <= y <= 100 for x, y in item["value"]["points"])
+    # Asking again changes nothing: every task holds a prediction of the current version.
+    r = ls.api("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+               json={"selectedItems": {"all": True, "excluded": []}}, timeout=150)
+    assert r.status_code == 200
+    assert len(ls.api("GET", "/api/predictions/", params={"project": pid}).json()) == len(project["task_ids"])
+    # The score column works: the project's version is ours.
+    tasks = ls.api("GET", "/api/tasks/", params={"project": pid, "fields": "all"}).json()["tasks"]
+    assert all(t.get("predictions_score") is not None for t in tasks), [t.get("predictions_score") for t in tasks]
+
+
+def test_interactive_keypoint_returns_a_polygon(label_studio, project, backend, connected):
+    ml_id = connected["ml_backend"]["id"]
+    context = {"result": [{
+        "original_width": 96, "original_height": 64, "image_rotation": 0, "from_name": "kp", "to_name": "image",
+        "type": "keypointlabels", "origin": "manual", "is_positive": True,
+        "value": {"x": 30.0, "y": 45.0, "width": 0.5, "keypointlabels": ["circle"]},
+    }]}
+    task_id = project["task_ids"][0]
+    r = label_studio.api("POST", f"/api/ml/{ml_id}/interactive-annotating", json={"task": task_id, "context": context},
+                         timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "errors" not in body, body
+    items = body["data"]["result"]
+    assert items and items[0]["type"] == "polygonlabels" and items[0]["value"]["polygonlabels"] == ["circle"], body
+    assert body["data"]["model_version"] == backend["version"]
+
+
+def test_webhook_events_reach_the_backend(label_studio, project, backend, connected):
+    """An annotation made in Label Studio reaches /webhook/<secret> (sent without auth) and lands in the event stream."""
+    import re
+
+    redis_url = re.search(r"private Redis on (redis://\S+)", backend["log"].read_text()).group(1)
+    task_id = project["task_ids"][1]
+    [pred] = label_studio.api("GET", "/api/predictions/", params={"task": task_id}).json()
+    r = label_studio.api("POST", f"/api/tasks/{task_id}/annotations/", json={"result": pred["result"], "parent_prediction": pred["id"]})
+    assert r.status_code == 201, r.text
+    events = Redis.from_url(redis_url)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        actions = [f[b"action"] for _, f in events.xrange("labelassist:events")]
+        if b"ANNOTATION_CREATED" in actions:
+            break
+        time.sleep(0.5)
+    assert b"ANNOTATION_CREATED" in actions, actions
