@@ -113,8 +113,6 @@ def serve(**options) -> None:
 @click.option("--project", "project_id", required=True, type=int, envvar=ENV_PREFIX + "PROJECT", help=f"Project id [env {ENV_PREFIX}PROJECT].")
 @click.option("--backend-url", required=True, envvar=ENV_PREFIX + "BACKEND_URL",
               help=f"This backend's URL as Label Studio reaches it [env {ENV_PREFIX}BACKEND_URL].")
-@click.option("--title", default="labelassist", show_default=True, envvar=ENV_PREFIX + "BACKEND_TITLE",
-              help=f"Name of the backend in Label Studio [env {ENV_PREFIX}BACKEND_TITLE].")
 @click.option("--basic-auth-user", default=None, envvar=ENV_PREFIX + "BASIC_AUTH_USER", help=f"The backend's basic auth user [env {ENV_PREFIX}BASIC_AUTH_USER].")
 @click.option("--basic-auth-pass", default=None, envvar=ENV_PREFIX + "BASIC_AUTH_PASS", help=f"The backend's basic auth password [env {ENV_PREFIX}BASIC_AUTH_PASS].")
 @click.option("--extra-params", default=None, envvar=ENV_PREFIX + "EXTRA_PARAMS",

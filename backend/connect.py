@@ -10,6 +10,9 @@ Three things, all idempotent (run it again after changing models):
    deliver each event twice (or fail with 401 when basic auth is on);
 3. set the project's ``model_version`` to ours: Label Studio's prediction-score
    column and uncertainty sampling only use predictions of the project's version.
+   Label Studio accepts a project version only when it is an ML backend's
+   *title* or already on a prediction, so the backend's title is our version
+   (adding a backend also makes its title the project's version).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class Connected:
     model_version: str
 
 
-def connect_project(ls_url: str, token: str, project_id: int, backend_url: str, title: str = "labelassist",
+def connect_project(ls_url: str, token: str, project_id: int, backend_url: str,
                     basic_auth_user: str | None = None, basic_auth_pass: str | None = None,
                     extra_params: str | dict | None = None, wait_s: float = 300.0, client=None) -> Connected:
     from labelassist.plugin.ls_client import LabelStudioClient
@@ -58,7 +61,8 @@ def connect_project(ls_url: str, token: str, project_id: int, backend_url: str, 
     try:
         client = client or LabelStudioClient(ls_url, token)
         client.get_project(project_id)
-        backend = client.add_ml_backend(project_id, backend_url, title, is_interactive=True, basic_auth_user=basic_auth_user,
+        version = health["model_version"]
+        backend = client.add_ml_backend(project_id, backend_url, version, is_interactive=True, basic_auth_user=basic_auth_user,
                                         basic_auth_pass=basic_auth_pass, extra_params=extra)
         webhook_url = backend_url + webhook_path
         client.create_webhook(project_id, webhook_url)
@@ -67,8 +71,9 @@ def connect_project(ls_url: str, token: str, project_id: int, backend_url: str, 
             if str(hook.get("url", "")).rstrip("/") == plain:
                 client.request("DELETE", f"/api/webhooks/{int(hook['id'])}/")
                 log.info("removed Label Studio's plain webhook %s (events go to the secret path)", plain)
-        # The version Label Studio got from /setup while saving the backend is the one it compares with.
-        version = backend.get("model_version") or health["model_version"]
+        if backend.get("model_version") and backend["model_version"] != version:
+            log.warning("the backend answered /setup with version %s, not %s: the workers changed models while "
+                        "connecting; run connect again", backend["model_version"], version)
         client.update_project(project_id, model_version=version)
     except LabelStudioAPIError as exc:
         raise ConnectError(f"Label Studio at {ls_url}: {exc}") from None
