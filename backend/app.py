@@ -45,8 +45,13 @@ MODEL_CACHE_SIZE = 64  # parsed per-project models kept (project id, config)
 WEBHOOK_PATH = "/webhook"
 
 
-def create_app(settings: Settings, queue: QueueClient, runtime: Runtime | None = None) -> Flask:
-    """An app serving the protocol over ``queue``; ``runtime`` overrides the collaborators built from them."""
+def create_app(settings: Settings, queue: QueueClient, runtime: Runtime | None = None, events=None) -> Flask:
+    """An app serving the protocol over ``queue``; ``runtime`` overrides the collaborators built from them.
+
+    ``events``: an ``EventSink`` (``labelassist.backend.events``) that stores webhook
+    bodies in the correction store; without one, events go to the ``labelassist:events``
+    Redis stream through the model's ``fit``.
+    """
     runtime = runtime or Runtime.build(settings, queue)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -139,6 +144,11 @@ def create_app(settings: Settings, queue: QueueClient, runtime: Runtime | None =
         return _webhook()
 
     def _webhook():
+        if events is not None:
+            status, reply = events.receive(request.get_data())  # the raw bytes: stored before anything else
+            response = jsonify(reply)
+            response.status_code = status
+            return response
         body = _json_object()
         action = _field(body, "action", str)
         project = body.get("project")

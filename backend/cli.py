@@ -98,7 +98,7 @@ def worker(queues: str | None, burst: bool, **options) -> None:
 @setting_options("redis_url", "models", "sam_model", "sam_weights", "clip_model", "clip_pretrained", "device", "cache_dir",
                  "torch_threads", "host", "port", "predict_wait_s", "interactive_wait_s", "web_threads", "max_request_bytes",
                  "basic_auth_user", "basic_auth_pass", "webhook_secret", "ls_url", "ls_token", "local_files_root",
-                 "allowed_image_hosts", "proposals", "scoring")
+                 "allowed_image_hosts", "proposals", "scoring", "corrections_url", "data_dir")
 def serve(**options) -> None:
     """Serve the Label Studio ML backend; without a Redis URL, also a private Redis and one worker."""
     from labelassist.backend.embedded import serve as run_serve

@@ -176,11 +176,15 @@ def serve(settings: Settings) -> None:
     from labelassist.backend.app import create_app
     from labelassist.backend.followup import Pusher
     from labelassist.backend.queue import JobOptions, QueueClient
-    from labelassist.backend.service import LabelStudioDelivery
+    from labelassist.backend.service import LabelStudioDelivery, Runtime
+
+    from labelassist.backend.events import CorrectionProcessor, EventSink
+    from labelassist.backend.store import open_settings_store
 
     redis: EmbeddedRedis | None = None
     worker: WorkerProcess | None = None
     pusher: Pusher | None = None
+    store = sink = None
     server = None
     stop = threading.Event()
     previous = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -193,8 +197,10 @@ def serve(settings: Settings) -> None:
             worker.start()
         connection = Redis.from_url(redis_url)
         queue = QueueClient(connection, JobOptions(settings.job_timeout_s, settings.result_ttl_s, settings.failure_ttl_s))
-        app = create_app(settings, queue)
-        runtime = app.extensions["labelassist"]
+        runtime = Runtime.build(settings, queue)
+        store = open_settings_store(settings)
+        sink = EventSink(store, CorrectionProcessor(store, runtime.fetch_prediction)).start()
+        app = create_app(settings, queue, runtime, events=sink)
         pusher = Pusher(runtime.pushes, queue, LabelStudioDelivery(runtime), settings.push_interval_s)
         pusher.start()
         server = create_server(app, host=settings.host, port=settings.port, threads=settings.web_threads,
@@ -214,6 +220,10 @@ def serve(settings: Settings) -> None:
             pusher.stop()
         if server is not None:
             server.close()
+        if sink is not None:
+            sink.stop()
+        if store is not None:
+            store.close()
         if worker is not None:
             worker.stop()
         if redis is not None:
@@ -243,6 +253,8 @@ def _supervise(stop: threading.Event, redis: EmbeddedRedis | None, worker: Worke
 def _log_banner(settings: Settings, host: str, port: int, redis_url: str, embedded: bool, runtime) -> None:
     log.info("labelassist listening on http://%s:%s (%d threads)", host, port, settings.web_threads)
     log.info("queue: %s%s", _redact(redis_url), " (private, with one worker)" if embedded else "")
+    log.info("corrections: %s", _redact(settings.corrections_url) if settings.corrections_url else
+             f"SQLite in {settings.data_dir}")
     log.info("models: %s; model version %s until the workers publish theirs", settings.models, runtime.versions.current())
     if "random" in settings.models or "random" in (settings.sam_model or "") or "random" in (settings.clip_model or ""):
         log.warning("RANDOM WEIGHTS (--models %s): predictions are noise; use it to check the wiring, not to annotate",

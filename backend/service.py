@@ -220,6 +220,25 @@ class Runtime:
         url, token = self.credentials(link)
         return self.client_factory(url, token) if url and token else None
 
+    def any_client(self):
+        """A client for calls not tied to a known project: settings, else any project's /setup credentials."""
+        if self.settings.ls_url and self.settings.ls_token:
+            return self.client(None)
+        for key in self.projects.connection.scan_iter(match=PROJECT_KEY.format(project_id="*"), count=100):
+            raw = self.projects.connection.get(key)
+            client = self.client(ProjectLink.from_json(json.loads(raw))) if raw else None
+            if client is not None:
+                return client
+        return None
+
+    def fetch_prediction(self, prediction_id: int) -> dict[str, Any]:
+        """``GET /api/predictions/<id>/`` (the correction processor's ``fetch_prediction``)."""
+        client = self.any_client()
+        if client is None:
+            raise LabelStudioAPIError("no Label Studio URL and token known yet to fetch predictions with; set "
+                                      "LABELASSIST_LS_URL and LABELASSIST_LS_TOKEN or let Label Studio call /setup")
+        return client.request("GET", f"/api/predictions/{int(prediction_id)}/")
+
 
 class LabelassistModel:
     """SAM + OpenCLIP pre-annotation for one project, in ``label-studio-ml``'s shape.

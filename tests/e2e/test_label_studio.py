@@ -28,7 +28,6 @@ import pytest
 import requests
 from PIL import Image, ImageDraw
 
-from redis import Redis
 
 pytestmark = pytest.mark.e2e
 
@@ -181,11 +180,12 @@ def backend(label_studio, tmp_path_factory):
     """``labelassist serve --models tiny-random``: its own Redis and worker, Label Studio credentials from /setup."""
     tmp = tmp_path_factory.mktemp("serve")
     log_path = tmp / "serve.log"
-    proc, url, health = start_serve(["--models", "tiny-random", "--cache-dir", str(tmp / "cache"),
+    proc, url, health = start_serve(["--models", "tiny-random", "--cache-dir", str(tmp / "cache"), "--data-dir", str(tmp / "data"),
                                      "--local-files-root", str(label_studio.files_root), "--predict-wait", "60"], log_path)
     redis_url = re.search(r"private Redis on (redis://\S+)", log_path.read_text()).group(1)
     try:
-        yield {"url": url, "version": health["model_version"], "log": log_path, "redis_url": redis_url}
+        yield {"url": url, "version": health["model_version"], "log": log_path, "redis_url": redis_url,
+               "data_dir": tmp / "data"}
     finally:
         stop_serve(proc)
     log_text = log_path.read_text()
@@ -262,18 +262,24 @@ def test_interactive_keypoint_returns_a_polygon(label_studio, project, backend, 
     assert body["data"]["model_version"] == backend["version"]
 
 
-def test_webhook_events_reach_the_backend(label_studio, project, backend, connected):
-    """An annotation made in Label Studio reaches /webhook/<secret> (sent without auth) and lands in the event stream."""
-    redis_url = backend["redis_url"]
+def test_annotations_reach_the_correction_log(label_studio, project, backend, connected):
+    """An annotation made in Label Studio reaches /webhook/<secret> (sent without auth) and becomes a correction."""
+    from labelassist.backend.store import DEFAULT_DB_FILENAME, open_store
+
     task_id = project["task_ids"][1]
     [pred] = label_studio.api("GET", "/api/predictions/", params={"task": task_id}).json()
     r = label_studio.api("POST", f"/api/tasks/{task_id}/annotations/", json={"result": pred["result"], "parent_prediction": pred["id"]})
     assert r.status_code == 201, r.text
-    events = Redis.from_url(redis_url)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        actions = [f[b"action"] for _, f in events.xrange("labelassist:events")]
-        if b"ANNOTATION_CREATED" in actions:
-            break
-        time.sleep(0.5)
-    assert b"ANNOTATION_CREATED" in actions, actions
+    store = open_store(None, backend["data_dir"] / DEFAULT_DB_FILENAME)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            corrections = list(store.corrections(project=project["id"]))
+            if corrections:
+                break
+            time.sleep(0.5)
+        assert [e.action for e in store.events(action="ANNOTATION_CREATED")] == ["ANNOTATION_CREATED"]
+        [corr] = corrections
+        assert corr.task_id == task_id and corr.model_version == backend["version"], corr
+    finally:
+        store.close()
