@@ -36,6 +36,7 @@ REDIS_STOP_TIMEOUT_S = 10.0
 WORKER_STOP_TIMEOUT_S = 15.0  # a worker finishing a job on a CPU gets this long before SIGKILL
 WORKER_RESTART_BACKOFF_S = (1.0, 5.0, 30.0)  # waits before restarting a worker that exited, then the last one repeats
 SUPERVISE_INTERVAL_S = 0.5
+WAITRESS_BODY_SLACK_BYTES = 1 << 20
 EMBEDDED_REDIS_DIR = "embedded-redis"
 # Settings a worker needs, forwarded to the worker process as LABELASSIST_* variables.
 WORKER_SETTINGS = ("models", "sam_model", "sam_weights", "clip_model", "clip_pretrained", "device", "cache_dir",
@@ -204,7 +205,9 @@ def serve(settings: Settings) -> None:
         pusher = Pusher(runtime.pushes, queue, LabelStudioDelivery(runtime), settings.push_interval_s)
         pusher.start()
         server = create_server(app, host=settings.host, port=settings.port, threads=settings.web_threads,
-                               ident="labelassist", max_request_body_size=settings.max_request_bytes)
+                               ident="labelassist",
+                               # above Flask's own limit, so an oversized body gets its JSON 413
+                               max_request_body_size=settings.max_request_bytes + WAITRESS_BODY_SLACK_BYTES)
         _log_banner(settings, server.effective_host, server.effective_port, redis_url, redis is not None, runtime)
         threading.Thread(target=_supervise, args=(stop, redis, worker, runtime), name="labelassist-supervisor", daemon=True).start()
         server.run()

@@ -2,7 +2,8 @@
 
 Label Studio pins rq and redis versions labelassist cannot share, so it lives in
 ``~/.cache/labelassist-test/ls-<version>`` (``$LABELASSIST_TEST_CACHE``
-overrides the parent directory), installed once with ``uv`` (``pip`` when uv is
+overrides the parent directory; keyed by Label Studio's and Python's versions),
+installed once with ``uv`` (``pip`` when uv is
 missing). Its first start runs ~400 migrations; the migrated data directory is
 kept beside the venv as a template and copied for every session, so later
 sessions start in seconds.
@@ -64,12 +65,16 @@ def ls_env(data_dir: Path, files_root: Path) -> dict[str, str]:
     return env
 
 
+def cache_key() -> str:
+    return f"ls-{LS_VERSION}-py{sys.version_info.major}.{sys.version_info.minor}"
+
+
 def ensure_venv(root: Path) -> Path:
     """The Label Studio venv, installed once; concurrent sessions wait on a lock."""
-    venv = root / f"ls-{LS_VERSION}"
+    venv = root / cache_key()
     marker = venv / ".labelassist-complete"
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"ls-{LS_VERSION}.lock", "w") as lock:
+    with open(root / f"{cache_key()}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.exists():
             return venv
@@ -144,9 +149,9 @@ def stop(proc: subprocess.Popen, timeout_s: float = 20) -> None:
 
 def ensure_template(venv: Path, root: Path, tmp: Path) -> Path:
     """A migrated data directory with the test user, made by one first start."""
-    template = root / f"ls-{LS_VERSION}-data"
+    template = root / f"{cache_key()}-data"
     marker = template / ".labelassist-complete"
-    with open(root / f"ls-{LS_VERSION}-data.lock", "w") as lock:
+    with open(root / f"{cache_key()}-data.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.exists():
             return template
