@@ -22,3 +22,16 @@ redisdb = factories.redisdb("redis_proc")
 def redis_url(redis_proc, redisdb) -> str:
     """URL of the session's Redis; ``redisdb`` flushes it after each test."""
     return f"redis://{redis_proc.host}:{redis_proc.port}/0"
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Tiny random-weight SAM and OpenCLIP, built once: real modules, meaningless weights."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from labelassist.workers.models import ModelSpec, load_models
+
+    torch.set_num_threads(1)
+    return load_models(ModelSpec.preset("tiny-random"), device="cpu")
+

@@ -58,7 +58,8 @@ def _fetch_http(source: ImageSource, max_bytes: int) -> bytes:
                     raise ImageFetchError(f"image {_redact(source.uri)}: more than the limit of {max_bytes} bytes")
             return bytes(buf)
     except requests.RequestException as exc:
-        raise ImageFetchError(f"image {_redact(source.uri)}: cannot download ({type(exc).__name__}: {exc})") from None
+        # The exception's text repeats the full URL, presigned credentials included: name its kind only.
+        raise ImageFetchError(f"image {_redact(source.uri)}: cannot download ({type(exc).__name__})") from None
 
 
 def _read_file(path: Path, uri: str, max_bytes: int) -> bytes:

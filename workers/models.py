@@ -297,6 +297,21 @@ def _guess_sam_variants(state: dict[str, torch.Tensor]) -> list[str]:
     return [v.name for v in SAM_VARIANTS.values() if v.encoder_embed_dim == patch.shape[0] and v.encoder_depth == depth]
 
 
+def _smooth_random_decoder(model: Sam) -> None:
+    """Give each transposed convolution of the mask upscaling one weight per 2x2 output block.
+
+    A randomly initialised upscaling path paints a checkerboard, so random
+    masks come out as pixel-level noise with hundreds of components; trained
+    SAM's masks are smooth. Tied kernels make random masks blobs that follow
+    the image's regions, so tests and benchmarks on random weights exercise
+    polygons, crops and RLE at realistic cost rather than at noise's.
+    """
+    with torch.no_grad():
+        for layer in model.mask_decoder.output_upscaling:
+            if isinstance(layer, torch.nn.ConvTranspose2d):
+                layer.weight.copy_(layer.weight.mean(dim=(2, 3), keepdim=True).expand_as(layer.weight))
+
+
 def build_sam(variant: str, weights: str | None, device: torch.device | str, dtype: torch.dtype,
               cache_dir: Path) -> tuple[Sam, str]:
     """SAM ``variant`` in eval mode on ``device``, and the sha256 of its weights.
@@ -323,6 +338,7 @@ def build_sam(variant: str, weights: str | None, device: torch.device | str, dty
                                  what=f"SAM {v.name} checkpoint", option=SAM_WEIGHTS_OPTION)
     if resolved is None:
         model = _seeded(lambda: _sam_module(v))
+        _smooth_random_decoder(model)
         sha = _random_hash(model)
         log.warning("SAM %s has random weights (%s): its masks are meaningless", v.name, sha[:20])
         return model.to(device).eval(), sha

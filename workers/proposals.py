@@ -30,7 +30,12 @@ from labelassist.workers.contract import Prompt, ProposalSettings
 # Masks whose low-resolution stability is this far below the threshold are still
 # upsampled and checked exactly; measured on random and real-shaped logits, the
 # 256 -> 1024 estimate errs by well under this (bench/pipeline.py reports parity).
-STABILITY_PREFILTER_MARGIN = 0.15
+STABILITY_PREFILTER_MARGIN = 0.05
+# Duplicates are first dropped by NMS on low-res boxes at this much looser an IoU,
+# then NMS runs again, exactly, on full-resolution boxes of what is left.
+NMS_PREFILTER_SLACK = 0.1
+UPSAMPLE_CHUNK = 64  # masks upsampled at once: 64 x 1024 x 1024 fp32 is 256 MB
+LOW_RES_SCALE = 4  # the mask decoder's logits are at 1/4 of the encoder's input size
 MASK_THRESHOLD = 0.0  # SAM's logit threshold for a pixel to be in the mask
 CROP_EDGE_ATOL_PX = 20.0  # as segment-anything: a box this close to an inner crop edge is cut off
 
@@ -150,14 +155,23 @@ class SamEngine:
         size = self.sam.image_encoder.img_size
         x = F.interpolate(low_res[:, None], (size, size), mode="bilinear", align_corners=False)
         x = x[..., : emb.input_size[0], : emb.input_size[1]]
-        x = F.interpolate(x, emb.original_size, mode="bilinear", align_corners=False)
+        if tuple(emb.input_size) != tuple(emb.original_size):  # same size: bilinear would copy
+            x = F.interpolate(x, emb.original_size, mode="bilinear", align_corners=False)
         return x[:, 0]
 
-    def low_res_valid(self, emb: ImageEmbedding, low_res: torch.Tensor) -> torch.Tensor:
-        """The part of the low-res logits that covers the image, not the padding."""
-        scale = low_res.shape[-1] / self.sam.image_encoder.img_size
-        h = int(np.ceil(emb.input_size[0] * scale))
-        w = int(np.ceil(emb.input_size[1] * scale))
+    def upsample_valid(self, emb: ImageEmbedding, low_valid: torch.Tensor) -> torch.Tensor:
+        """``upsample`` for logits cut by ``low_res_valid(margin=1)``: the same values, as the rows
+        and columns beyond never reach a pixel of the image."""
+        low_size = self.sam.image_encoder.img_size // LOW_RES_SCALE
+        pad_h, pad_w = low_size - low_valid.shape[-2], low_size - low_valid.shape[-1]
+        return self.upsample(emb, F.pad(low_valid, (0, pad_w, 0, pad_h)) if pad_h or pad_w else low_valid)
+
+    def low_res_valid(self, emb: ImageEmbedding, low_res: torch.Tensor, margin: int = 0) -> torch.Tensor:
+        """The part of the low-res logits that covers the image (plus ``margin`` rows and columns), not the padding."""
+        size = low_res.shape[-1]
+        scale = size / self.sam.image_encoder.img_size
+        h = min(size, int(np.ceil(emb.input_size[0] * scale)) + margin)
+        w = min(size, int(np.ceil(emb.input_size[1] * scale)) + margin)
         return low_res[..., :h, :w]
 
     @torch.inference_mode()
@@ -231,41 +245,80 @@ class ProposalGenerator:
         eng = self.engine
         crop_h, crop_w = emb.original_size
         points = torch.as_tensor(grid * np.array([crop_w, crop_h]), dtype=torch.float32)
-        kept = []
+        whole_image = tuple(crop_box) == (0, 0, image_hw[1], image_hw[0])
+
+        # 1. Decode every prompt; keep the masks that pass both quality filters, at low resolution.
+        lows, ious, pts = [], [], []
         for start in range(0, len(points), s.points_per_batch):
             batch = points[start : start + s.points_per_batch]
             low_res, iou = eng.decode_points(emb, batch)
             m = low_res.shape[1]
-            low_res = low_res.flatten(0, 1)
+            # One row and column past the image: bilinear upsampling of the last image rows reads them.
+            low_res = eng.low_res_valid(emb, low_res.flatten(0, 1), margin=1)
             iou = iou.flatten(0, 1)
-            batch_points = batch.to(low_res.device).repeat_interleave(m, dim=0)
             # Exact: the predicted IoU does not depend on resolution.
             keep = iou > s.pred_iou_thresh if s.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
             if s.stability_score_thresh > 0:
-                approx = stability_score(eng.low_res_valid(emb, low_res), s.stability_score_offset)
-                keep &= approx >= s.stability_score_thresh - STABILITY_PREFILTER_MARGIN
+                keep &= self._stable(emb, low_res, keep, s)
             idx = keep.nonzero()[:, 0]
-            if len(idx) == 0:
-                continue
-            logits = eng.upsample(emb, low_res[idx])
+            lows.append(low_res[idx])
+            ious.append(iou[idx])
+            pts.append(batch.to(iou.device).repeat_interleave(m, dim=0)[idx])
+        low_res, iou, pts = torch.cat(lows), torch.cat(ious), torch.cat(pts)
+        if len(iou) == 0:
+            return _empty(image_hw, emb.features.device)
+
+        # 2. Most survivors are duplicates NMS will drop: find them on low-res boxes
+        # first, with slack, so only likely keepers are upsampled. Inner crops skip
+        # this: their edge filter must see exact boxes before NMS does.
+        if whole_image and s.box_nms_thresh < 1.0:
+            approx_boxes = self._low_res_boxes(emb, eng.low_res_valid(emb, low_res) > MASK_THRESHOLD)
+            pre = batched_nms(approx_boxes, iou, torch.zeros_like(iou), min(1.0, s.box_nms_thresh + NMS_PREFILTER_SLACK))
+            low_res, iou, pts = low_res[pre], iou[pre], pts[pre]
+
+        # 3. Full resolution for what is left: exact masks, stability and boxes.
+        parts = []
+        for start in range(0, len(iou), UPSAMPLE_CHUNK):
+            sl = slice(start, start + UPSAMPLE_CHUNK)
+            logits = eng.upsample_valid(emb, low_res[sl])
             stab = stability_score(logits, s.stability_score_offset)
-            ok = stab >= s.stability_score_thresh if s.stability_score_thresh > 0 else torch.ones_like(stab, dtype=torch.bool)
-            masks = logits[ok] > MASK_THRESHOLD
+            masks = logits > MASK_THRESHOLD
             del logits
-            boxes = masks_to_boxes_xyxy(masks)
-            part = Proposals(masks, boxes, iou[idx][ok], stab[ok], batch_points[idx][ok])
-            if tuple(crop_box) != (0, 0, image_hw[1], image_hw[0]):
+            part = Proposals(masks, masks_to_boxes_xyxy(masks), iou[sl], stab, pts[sl])
+            if s.stability_score_thresh > 0:
+                part = _select(part, stab >= s.stability_score_thresh)
+            if not whole_image:
                 from segment_anything.utils.amg import is_box_near_crop_edge
 
-                inner = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, image_hw[1], image_hw[0]], atol=CROP_EDGE_ATOL_PX)
+                inner = ~is_box_near_crop_edge(part.boxes_xyxy_px, crop_box, [0, 0, image_hw[1], image_hw[0]], atol=CROP_EDGE_ATOL_PX)
                 part = _select(part, inner)
-            kept.append(part)
-        if not kept:
-            return _empty(image_hw, emb.features.device)
-        part = _cat(kept)
+            parts.append(part)
+        part = _cat(parts)
         keep = batched_nms(part.boxes_xyxy_px.float(), part.predicted_iou, torch.zeros_like(part.predicted_iou), s.box_nms_thresh)
-        part = _select(part, keep)
-        return _uncrop(part, crop_box, image_hw)
+        return _uncrop(_select(part, keep), crop_box, image_hw)
+
+    def _stable(self, emb: ImageEmbedding, low_res: torch.Tensor, candidates: torch.Tensor, s: ProposalSettings) -> torch.Tensor:
+        """Which masks pass the stability threshold, upsampling only those too close to call at low resolution."""
+        approx = stability_score(self.engine.low_res_valid(emb, low_res), s.stability_score_offset)
+        passed = approx >= s.stability_score_thresh + STABILITY_PREFILTER_MARGIN
+        unsure = (candidates & ~passed & (approx >= s.stability_score_thresh - STABILITY_PREFILTER_MARGIN)).nonzero()[:, 0]
+        for start in range(0, len(unsure), UPSAMPLE_CHUNK):
+            idx = unsure[start : start + UPSAMPLE_CHUNK]
+            exact = stability_score(self.engine.upsample_valid(emb, low_res[idx]), s.stability_score_offset)
+            passed[idx] = exact >= s.stability_score_thresh
+        return passed
+
+    def _low_res_boxes(self, emb: ImageEmbedding, low_masks: torch.Tensor) -> torch.Tensor:
+        """Boxes of low-res masks in original-image px (approximate to a few px), (N, 4) float."""
+        boxes = masks_to_boxes_xyxy(low_masks).float()
+        h_in, w_in = emb.input_size
+        h, w = emb.original_size
+        lr_h, lr_w = low_masks.shape[-2:]
+        sx = (w_in / lr_w) * (w / w_in) if lr_w else 1.0
+        sy = (h_in / lr_h) * (h / h_in) if lr_h else 1.0
+        boxes[:, 0::2] = boxes[:, 0::2] * sx + torch.tensor([0.0, sx - 1], device=boxes.device)
+        boxes[:, 1::2] = boxes[:, 1::2] * sy + torch.tensor([0.0, sy - 1], device=boxes.device)
+        return boxes
 
     def _finish(self, p: Proposals, s: ProposalSettings) -> Proposals:
         if s.min_mask_region_area > 0 and len(p):
