@@ -1,0 +1,117 @@
+"""A real ``labelassist worker`` process on a real Redis: jobs in, valid results out, bad jobs never kill it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from labelassist.backend.queue import JobOptions, QueueClient
+from labelassist.workers import geometry
+from labelassist.workers.contract import (
+    PREDICT_JOB, QUEUE_INTERACTIVE, Concept, ImageSource, PredictRequest, PredictResult, Prompt, ProposalSettings,
+    ScoringSettings,
+)
+
+from scenes import synthetic_scene
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT_S = 180
+RESULT_TIMEOUT_S = 120
+PROPOSALS = ProposalSettings(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.95)
+KEEP_ALL = ScoringSettings(label_threshold=0.0, min_margin=0.0, keep_unlabeled=True)
+
+
+@pytest.fixture(scope="module")
+def worker(redis_proc, tmp_path_factory):
+    """(redis url, worker process): a tiny-random worker on db 3 of the session's server."""
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/3"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABELASSIST_")}
+    env.update(HF_HUB_OFFLINE="1", LABELASSIST_TORCH_THREADS="1", LABELASSIST_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
+    proc = subprocess.Popen([sys.executable, "-m", "labelassist.backend.cli", "worker", "--redis-url", url,
+                             "--models", "tiny-random", "--device", "cpu"], env=env, start_new_session=True)
+    connection = Redis.from_url(url)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not connection.get("labelassist:model_version"):
+        assert proc.poll() is None, "the worker exited during start-up"
+        assert time.monotonic() < deadline, "the worker did not publish its model version"
+        time.sleep(0.3)
+    yield url, proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    connection.flushdb()
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray(synthetic_scene((96, 128), seed=3)).save(path)
+    return path
+
+
+def _client(url: str) -> QueueClient:
+    return QueueClient(Redis.from_url(url), JobOptions(timeout_s=300, result_ttl_s=600, failure_ttl_s=600))
+
+
+def _request(path, task_id=1, **kw) -> PredictRequest:
+    return PredictRequest(task_id=task_id, image=ImageSource(str(path)), concepts=(Concept("cat"), Concept("dog")),
+                          proposals=PROPOSALS, scoring=KEEP_ALL, **kw)
+
+
+def test_worker_serves_predictions_with_resident_models(worker, image_path):
+    url, proc = worker
+    client = _client(url)
+    version = Redis.from_url(url).get("labelassist:model_version").decode()
+    ids = [client.submit(_request(image_path, task_id=i)) for i in (1, 2)]
+    assert client.submit(_request(image_path, task_id=1)) == ids[0]  # idempotent re-submission
+    done = client.wait(ids, RESULT_TIMEOUT_S)
+    assert set(done) == set(ids)
+    for result in done.values():
+        assert result.ok and result.model_version == version and "random" in version
+        assert len(result.regions) > 0
+        mask = geometry.rle_to_mask(result.regions[0].rle)
+        assert mask.shape == (96, 128)
+    # The second image job hit the embedding cache of the first: models and cache are resident.
+    second = done[ids[1]]
+    assert second.provenance["embedding_cache"]["hits"] >= 1
+    assert proc.poll() is None
+
+
+def test_bad_jobs_fail_per_task_and_the_worker_lives_on(worker, image_path, tmp_path):
+    url, proc = worker
+    client = _client(url)
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG not really")
+    bad_image = client.submit(_request(garbage, task_id=10))
+    missing = client.submit(_request(tmp_path / "nope.png", task_id=11))
+    malformed = Queue("predict", connection=Redis.from_url(url), serializer=JSONSerializer).enqueue(
+        PREDICT_JOB, {"task_id": 12, "image": {"uri": str(image_path)}, "concepts": [], "nonsense": True}, job_id="malformed-12")
+    good = client.submit(_request(image_path, task_id=13))
+    done = client.wait([bad_image, missing, malformed.id, good], RESULT_TIMEOUT_S)
+    assert done[bad_image].error.code == "bad_image"
+    assert done[missing].error.code == "image_unavailable" and "nope.png" in done[missing].error.message
+    assert done[malformed.id].error.code == "bad_request" and "nonsense" in done[malformed.id].error.message
+    assert done[good].ok
+    assert proc.poll() is None
+
+
+def test_interactive_queue_first(worker, image_path):
+    url, _ = worker
+    client = _client(url)
+    req = _request(image_path, task_id=20, prompt=Prompt(points_xy_px=((30, 40),), point_labels=(1,)), prompt_label="cat")
+    job = client.submit(req, queue=QUEUE_INTERACTIVE)
+    result = client.wait([job], RESULT_TIMEOUT_S)[job]
+    assert isinstance(result, PredictResult) and result.ok
+    assert [r.label for r in result.regions] == ["cat"]
