@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException
 from labelassist.backend.queue import QueueClient
 from labelassist.backend.service import (
     LabelassistModel,
+    ProjectLink,
     RequestError,
     Runtime,
     parse_project_id,
@@ -89,8 +90,6 @@ def create_app(settings: Settings, queue: QueueClient, runtime: Runtime | None =
 
     @app.post("/setup")
     def setup():
-        from labelassist.backend.service import ProjectLink
-
         body = _json_object()
         schema = _field(body, "schema", str)
         project_id = parse_project_id(_field(body, "project", (str, int)))

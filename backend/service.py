@@ -61,6 +61,7 @@ EVENTS_MAXLEN = 1_000_000  # approximate cap on kept webhook events; the correct
 WEBHOOK_SECRET_KEY = "labelassist:webhook_secret"
 VERSION_CACHE_S = 2.0  # how long a read of the published version is reused
 WEBHOOK_SECRET_BYTES = 24  # -> 32 URL-safe characters
+CLIENT_CACHE_SIZE = 32  # Label Studio clients kept, one per (URL, token)
 
 
 class RequestError(LabelassistError, ValueError):
@@ -203,6 +204,8 @@ class Runtime:
     pushes: PendingPushes
     versions: VersionSource
     client_factory: ClientFactory = default_client_factory
+    _clients: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    _clients_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, queue: QueueClient, client_factory: ClientFactory | None = None) -> Runtime:
@@ -217,8 +220,17 @@ class Runtime:
         return (url.rstrip("/") if url else None), token
 
     def client(self, link: ProjectLink | None):
+        """A Label Studio client, one per (URL, token): a personal access token is exchanged once, not per call."""
         url, token = self.credentials(link)
-        return self.client_factory(url, token) if url and token else None
+        if not (url and token):
+            return None
+        with self._clients_lock:
+            client = self._clients.get((url, token))
+            if client is None:
+                client = self._clients[(url, token)] = self.client_factory(url, token)
+                while len(self._clients) > CLIENT_CACHE_SIZE:
+                    self._clients.pop(next(iter(self._clients)))
+            return client
 
     def any_client(self):
         """A client for calls not tied to a known project: settings, else any project's /setup credentials."""
