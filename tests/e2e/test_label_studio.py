@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import requests
 from PIL import Image, ImageDraw
+from redis import Redis
+from redis.exceptions import RedisError
 
 
 pytestmark = pytest.mark.e2e
@@ -95,8 +97,8 @@ def make_project(ls, title: str, local_dir: str) -> dict:
     return {"id": pid, "task_ids": sorted(t["id"] for t in tasks)}
 
 
-def start_serve(args: list[str], log_path: Path, wait_for_workers: bool = True):
-    """``labelassist serve ARGS`` on a free port; returns (process, url, health) once it answers."""
+def start_serve(args: list[str], log_path: Path, auth: tuple[str, str] | None = None):
+    """``labelassist serve ARGS`` on a free port; returns (process, url, health) once its workers are ready."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABELASSIST_")}
     env.update(HF_HUB_OFFLINE="1", LABELASSIST_TORCH_THREADS="1")
@@ -109,7 +111,7 @@ def start_serve(args: list[str], log_path: Path, wait_for_workers: bool = True):
         if proc.poll() is not None:
             raise AssertionError(f"serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
         try:
-            health = requests.get(url + "/health", timeout=2).json()
+            health = requests.get(url + "/health", timeout=2, auth=auth).json()
             if health["model_version_source"] == "workers":
                 return proc, url, health
         except requests.RequestException:
@@ -129,10 +131,12 @@ def stop_serve(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def connect(ls, project: dict, backend_url: str) -> dict:
+def connect(ls, project: dict, backend_url: str, auth: tuple[str, str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "labelassist.backend.cli", "connect", "--ls-url", ls.url, "--project",
            str(project["id"]), "--backend-url", backend_url, "--extra-params", json.dumps(EXTRA_PARAMS), "--wait", "30"]
     env = {**os.environ, "LABELASSIST_LS_TOKEN": ls.token}  # the token through its environment variable
+    if auth:
+        env.update(LABELASSIST_BASIC_AUTH_USER=auth[0], LABELASSIST_BASIC_AUTH_PASS=auth[1])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     [ml] = ls.api("GET", "/api/ml/", params={"project": project["id"]}).json()
@@ -189,7 +193,9 @@ def backend(label_studio, tmp_path_factory):
     finally:
         stop_serve(proc)
     log_text = log_path.read_text()
-    assert "RANDOM WEIGHTS" in log_text and "listening on" in log_text
+    assert "RANDOM WEIGHTS" in log_text and "listening on" in log_text and "stopped" in log_text
+    with pytest.raises(RedisError):  # the private Redis went with it
+        Redis.from_url(redis_url, socket_connect_timeout=1).ping()
 
 
 @pytest.fixture(scope="module")
@@ -221,15 +227,20 @@ def test_retrieve_predictions_stores_one_polygon_prediction_per_task(label_studi
 
 
 def test_late_predictions_arrive_through_the_follow_up(label_studio, backend, tmp_path):
-    """A second web tier on the same Redis and worker, with a budget shorter than one job: /predict answers
-    with no prediction for every task, and the follow-up writes each one to Label Studio, exactly once."""
+    """A second web tier on the same Redis and worker, behind basic auth, with a budget shorter than one job:
+    /predict answers with no prediction for every task, and the follow-up writes each one to Label Studio, once."""
     ls = label_studio
     project = make_project(ls, "labelassist e2e follow-up", "images-late")
     log_path = tmp_path / "serve-web.log"
-    proc, url, health = start_serve(["--redis-url", backend["redis_url"], "--predict-wait", "0.2"], log_path)
+    auth = ("label-studio", "backend-pass-123")
+    proc, url, health = start_serve(["--redis-url", backend["redis_url"], "--predict-wait", "0.2", "--data-dir",
+                                     str(tmp_path / "data"), "--basic-auth-user", auth[0], "--basic-auth-pass", auth[1]],
+                                    log_path, auth=auth)
     try:
         assert health["model_version"] == backend["version"]
-        connect(ls, project, url)
+        assert requests.get(url + "/health", timeout=5).status_code == 401
+        ml = connect(ls, project, url, auth=auth)
+        assert ml["auth_method"] == "BASIC_AUTH" and ml["state"] == "CO", ml
         retrieve_predictions(ls, project["id"])
         assert ls.api("GET", "/api/predictions/", params={"project": project["id"]}).json() == []
         by_task = wait_for_predictions(ls, project)
