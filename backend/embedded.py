@@ -40,7 +40,7 @@ WAITRESS_BODY_SLACK_BYTES = 1 << 20
 EMBEDDED_REDIS_DIR = "embedded-redis"
 # Settings a worker needs, forwarded to the worker process as LABELASSIST_* variables.
 WORKER_SETTINGS = ("models", "sam_model", "sam_weights", "clip_model", "clip_pretrained", "device", "cache_dir",
-                   "torch_threads", "embedding_cache_size", "max_image_bytes", "max_image_pixels")
+                   "torch_threads", "compile_decoder", "embedding_cache_size", "max_image_bytes", "max_image_pixels")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
