@@ -61,6 +61,12 @@ def create_app(settings: Settings, queue: QueueClient, runtime: Runtime | None =
     models = _ModelCache(runtime)
     health_redis = _probe_client(queue.connection)
     auth = _BasicAuth(settings.basic_auth_user, settings.basic_auth_pass)
+    secret_cache: list[str] = []  # the webhook secret, read from settings or Redis once
+
+    def current_secret() -> str:
+        if not secret_cache:
+            secret_cache.append(webhook_secret(settings, queue.connection))
+        return secret_cache[0]
 
     @app.before_request
     def check_auth():
@@ -137,7 +143,7 @@ def create_app(settings: Settings, queue: QueueClient, runtime: Runtime | None =
 
     @app.post(WEBHOOK_PATH + "/<secret>", endpoint="webhook_secret")
     def webhook_with_secret(secret: str):
-        expected = webhook_secret(settings, queue.connection)
+        expected = current_secret()
         if not hmac.compare_digest(secret.encode(), expected.encode()):
             return _error(404, "not_found", "no such webhook path")
         return _webhook()
@@ -168,7 +174,7 @@ def create_app(settings: Settings, queue: QueueClient, runtime: Runtime | None =
     @app.get("/webhook-url")
     def webhook_url():
         """The path Label Studio's webhook should post to (``connect`` reads it; behind basic auth when on)."""
-        return jsonify(path=f"{WEBHOOK_PATH}/{webhook_secret(settings, queue.connection)}")
+        return jsonify(path=f"{WEBHOOK_PATH}/{current_secret()}")
 
     @app.errorhandler(RequestError)
     def on_request_error(exc: RequestError):
