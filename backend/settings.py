@@ -26,6 +26,7 @@ DEFAULT_FAILURE_TTL_S = 7 * 24 * 3600
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # ~8000 x 8000; larger images are refused, not resized
 DEFAULT_EMBEDDING_CACHE_SIZE = 32  # SAM image embeddings kept per worker (LRU)
+DEFAULT_COMPILE_DECODER = "auto"  # on, off, or auto: on unless the models are tiny-random (start-up speed)
 DEFAULT_TORCH_THREADS = 0  # 0: leave torch's default
 DEFAULT_INTERACTIVE_WAIT_S = 30.0  # how long an interactive /predict waits for its one prompt
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024  # larger HTTP bodies get 413 (a /predict of ~10k tasks fits)
@@ -57,6 +58,7 @@ class Settings:
     device: str = DEFAULT_DEVICE
     cache_dir: Path = default_cache_dir()
     torch_threads: int = DEFAULT_TORCH_THREADS
+    compile_decoder: str = DEFAULT_COMPILE_DECODER
     embedding_cache_size: int = DEFAULT_EMBEDDING_CACHE_SIZE
     # Jobs.
     job_timeout_s: int = DEFAULT_JOB_TIMEOUT_S
@@ -116,6 +118,8 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}INTERACTIVE_WAIT_S: expected 0 < seconds < 100 (Label Studio's /predict timeout), got {self.interactive_wait_s}")
         if self.push_interval_s <= 0:
             raise ValueError(f"{ENV_PREFIX}PUSH_INTERVAL_S: expected a positive number of seconds, got {self.push_interval_s}")
+        if self.compile_decoder not in ("auto", "on", "off"):
+            raise ValueError(f"{ENV_PREFIX}COMPILE_DECODER: expected auto, on or off, got {self.compile_decoder!r}")
         for name in ("proposals", "scoring"):
             json_object_setting(self, name)  # fail at start-up, not on the first task
         if not 0 < self.predict_wait_s < 100:

@@ -81,5 +81,9 @@ def test_score_masks_on_an_image(scorer):
     plain = scorer.encode_crops(img, boxes[:1], None, 0.1)
     masked = scorer.encode_crops(img, boxes[:1], half[:1], 0.1)
     assert not torch.allclose(plain, masked)
+    # No background prompts: no background class, and still finite probabilities.
+    open_set = scorer.score(image, masks, boxes, (Concept("cat"), Concept("dog")), ScoringSettings(background_prompts=(), label_threshold=0.0, min_margin=0.0))
+    assert np.isfinite(open_set.probs).all() and np.allclose(open_set.probs[:, -1], 0.0)
+    assert all(label in ("cat", "dog") for label in open_set.labels)
     none = scorer.score(image, masks[:0], boxes[:0], CAT_DOG, ScoringSettings())
     assert none.labels == [] and none.embeddings.shape[0] == 0

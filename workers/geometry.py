@@ -296,11 +296,29 @@ def rasterize_polygons_px(polygons: Sequence[Any], size_hw: tuple[int, int]) -> 
 
 
 def polygons_iou(polygons: Sequence[Any], mask: np.ndarray) -> float:
-    """IoU of the rasterised ``polygons`` (union) with a bool (H, W) mask; 0.0 when both are empty."""
+    """IoU of the rasterised ``polygons`` (union) with a bool (H, W) mask; 0.0 when both are empty.
+
+    Only the box around the mask and the polygons is rasterised: a region is
+    usually a small part of its image, and nothing outside that box can count.
+    """
     m = _mask_2d(mask)
-    r = rasterize_polygons_px(polygons, m.shape)
-    union = int(np.count_nonzero(r | m))
-    return int(np.count_nonzero(r & m)) / union if union else 0.0
+    h, w = m.shape
+    points = [_points_xy(p, f"polygons[{k}]") for k, p in enumerate(polygons)]
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    x0, y0, x1, y1 = w, h, 0, 0
+    if len(rows):
+        x0, y0, x1, y1 = int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+    for p in points:
+        x0, y0 = min(x0, int(np.floor(p[:, 0].min()))), min(y0, int(np.floor(p[:, 1].min())))
+        x1, y1 = max(x1, int(np.ceil(p[:, 0].max()))), max(y1, int(np.ceil(p[:, 1].max())))
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if x1 <= x0 or y1 <= y0:
+        return 0.0
+    offset = np.array([x0, y0], dtype=np.float32)
+    r = rasterize_polygons_px([p - offset for p in points], (y1 - y0, x1 - x0))
+    crop = m[y0:y1, x0:x1]
+    union = int(np.count_nonzero(r | crop))
+    return int(np.count_nonzero(r & crop)) / union if union else 0.0
 
 
 def mask_to_polygons_px(

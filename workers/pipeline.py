@@ -81,6 +81,13 @@ class Pipeline:
         self.scorer = ConceptScorer(models.clip, models.device, models.dtype)
         self.embeddings = EmbeddingCache(limits.embedding_cache_size)
 
+    def warm_up(self) -> None:
+        """Run the compiled decoder once so compilation happens at start-up, not in the first job."""
+        t = time.perf_counter()
+        emb = self.engine.embed(np.zeros((64, 64, 3), np.uint8))
+        self.engine.decode_points(emb, torch.full((1, 2), 32.0))
+        log.info("mask decoder ready in %.1f s", time.perf_counter() - t)
+
     @property
     def version(self) -> str:
         return self.models.version

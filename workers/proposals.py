@@ -18,6 +18,7 @@ interpolated values per image, most of them thrown away.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from torchvision.ops.boxes import batched_nms
 
 from labelassist.workers.contract import Prompt, ProposalSettings
+
+log = logging.getLogger(__name__)
 
 # Masks whose low-resolution stability is this far below the threshold are still
 # upsampled and checked exactly; measured on random and real-shaped logits, the
@@ -90,6 +93,7 @@ class SamEngine:
         # Set by compile(): the decoder then runs at one batch size, so short
         # batches are padded rather than compiled again.
         self.fixed_batch: int | None = None
+        self._compiled_decoder = None
 
     def compile(self, batch: int) -> None:
         """Compile the mask decoder for prompt batches of ``batch``.
@@ -98,7 +102,7 @@ class SamEngine:
         its time several-fold (see bench/pipeline.py). Worth it only in a
         resident worker; the first batches pay the compilation.
         """
-        self.sam.mask_decoder = torch.compile(self.sam.mask_decoder, dynamic=False)
+        self._compiled_decoder = torch.compile(self.sam.mask_decoder, dynamic=False)
         self.fixed_batch = batch
 
     def _autocast(self):
@@ -132,13 +136,18 @@ class SamEngine:
             boxes = self.transform.apply_boxes_torch(box_xyxy_px.to(self.device, torch.float32), emb.original_size)
         with self._autocast():
             sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-            low_res, iou = self.sam.mask_decoder(
-                image_embeddings=emb.features,
-                image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
+            inputs = dict(image_embeddings=emb.features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
+            low_res = None
+            if self._compiled_decoder is not None and multimask and len(sparse) == self.fixed_batch:
+                try:
+                    low_res, iou = self._compiled_decoder(**inputs)
+                except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager decoder gives the same masks
+                    log.warning("compiled mask decoder failed (%s: %s); decoding eagerly from now on", type(exc).__name__, exc)
+                    self._compiled_decoder = None
+                    self.fixed_batch = None
+            if low_res is None:
+                low_res, iou = self.sam.mask_decoder(**inputs)
         return low_res.float(), iou.float()
 
     def decode_points(self, emb: ImageEmbedding, points_xy_px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

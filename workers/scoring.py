@@ -39,10 +39,18 @@ TEXT_CACHE_SIZE = 64  # concept sets whose text embeddings are kept
 
 @dataclass(frozen=True)
 class TextBank:
-    """Normalised text embeddings: one row per concept, then the background row. (K + 1, D)."""
+    """Normalised text embeddings: one row per concept, then the background row if there are
+    background prompts. (K + 1, D) or (K, D)."""
 
     names: tuple[str, ...]
     embeddings: torch.Tensor
+
+    def probs(self, image_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
+        """Softmax over concepts and background, (N, K + 1); without background prompts its column is 0."""
+        logits = logit_scale * image_embeddings @ self.embeddings.T
+        if self.embeddings.shape[0] == len(self.names):
+            logits = torch.cat([logits, torch.full_like(logits[:, :1], float("-inf"))], dim=1)
+        return torch.softmax(logits, dim=-1)
 
 
 @dataclass
@@ -87,7 +95,8 @@ class ConceptScorer:
             self._text_cache.move_to_end(key)
             return self._text_cache[key]
         rows = [self._encode_prompts(c.prompts) for c in concepts]
-        rows.append(self._encode_prompts(background_prompts, templated=False))
+        if background_prompts:
+            rows.append(self._encode_prompts(background_prompts, templated=False))
         bank = TextBank(tuple(c.name for c in concepts), torch.stack(rows))
         self._text_cache[key] = bank
         while len(self._text_cache) > TEXT_CACHE_SIZE:
@@ -150,13 +159,13 @@ class ConceptScorer:
         k = len(bank.names)
 
         image_emb = self.encode_image(image)
-        image_probs = torch.softmax(self.logit_scale * image_emb @ bank.embeddings.T, dim=-1)[0]
+        image_probs = bank.probs(image_emb, self.logit_scale)[0]
         present = image_probs[:k] >= settings.image_gate_threshold
 
         region_emb = self.encode_crops(image, boxes_xyxy, masks, settings.context_pad)
         if region_emb.shape[0] == 0:
             region_emb = torch.zeros((0, bank.embeddings.shape[1]), device=self.device)
-        probs = torch.softmax(self.logit_scale * region_emb @ bank.embeddings.T, dim=-1)
+        probs = bank.probs(region_emb, self.logit_scale)
         labels, scores, margins = assign_labels(probs, present, concepts, settings)
         return RegionScores(
             labels=labels,

@@ -32,7 +32,7 @@ class WorkerConfig:
     device: str = "auto"
     cache_dir: Path | None = None
     torch_threads: int = 0
-    compile_decoder: bool = False
+    compile_decoder: str = "auto"  # on, off, or auto: on unless the models are tiny-random
     limits: PipelineLimits = field(default_factory=PipelineLimits)
 
     @classmethod
@@ -42,7 +42,7 @@ class WorkerConfig:
             models=settings.models, sam_model=settings.sam_model, sam_weights=settings.sam_weights,
             clip_model=settings.clip_model, clip_pretrained=settings.clip_pretrained, device=settings.device,
             cache_dir=settings.cache_dir, torch_threads=settings.torch_threads,
-            compile_decoder=getattr(settings, "compile_decoder", False),
+            compile_decoder=settings.compile_decoder,
             limits=PipelineLimits(settings.max_image_bytes, settings.max_image_pixels, settings.embedding_cache_size),
         )
 
@@ -66,7 +66,11 @@ def build_pipeline(config: WorkerConfig):
     models = load_models(spec, device=config.device, cache_dir=config.cache_dir)
     if models.provenance.get("random_weights"):
         log.warning("serving RANDOM weights (%s): masks and labels are meaningless; for wiring checks only", models.version)
-    return Pipeline(models, config.limits, compile_decoder=config.compile_decoder)
+    compile_decoder = config.compile_decoder == "on" or (config.compile_decoder == "auto" and config.models != "tiny-random")
+    pipeline = Pipeline(models, config.limits, compile_decoder=compile_decoder)
+    if compile_decoder:
+        pipeline.warm_up()
+    return pipeline
 
 
 def run_worker(config: WorkerConfig, redis_url: str, queues=INFERENCE_QUEUES, burst: bool = False, name: str | None = None) -> None:
