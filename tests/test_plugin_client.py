@@ -210,7 +210,7 @@ def test_concurrent_first_calls_refresh_once(server):
 
 
 @pytest.mark.parametrize("token, status, message", [
-    (fake_jwt(token_type="refresh", exp=int(time.time()) + 60, jti="other"), 401, "POST /api/token/refresh/: Label Studio answered 401: Token is invalid or expired"),
+    (fake_jwt(token_type="refresh", exp=int(time.time()) + 24 * 3600, jti="other"), 401, "POST /api/token/refresh/: Label Studio answered 401: Token is invalid or expired"),
     (fake_jwt(token_type="refresh", exp=int(time.time()) - 60), 401, "personal access token has expired"),
     ("wrong-legacy-key", 401, "GET /api/projects/1/: Label Studio answered 401: Authentication credentials were not provided. (check the token"),
 ])

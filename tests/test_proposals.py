@@ -99,3 +99,34 @@ def test_interactive_prompt_gives_one_mask(engine):
                    Prompt(box_xyxy_px=(10, 10, 100, 90))):
         mask, iou = engine.predict_prompt(emb, prompt)
         assert mask.shape == (128, 160) and mask.dtype == torch.bool and np.isfinite(iou)
+
+
+def test_coarse_first_splits_the_grid_without_loss():
+    from segment_anything.utils.amg import build_point_grid
+
+    from labelassist.workers.proposals import _coarse_first
+
+    grid = build_point_grid(4)
+    first, rest = _coarse_first(grid)
+    assert sorted(np.concatenate([first, rest]).tolist()) == list(range(16))
+    assert len(first) == 4 and all(np.isin(grid[first], grid[[0, 2, 8, 10]]).all(axis=1))
+
+
+def test_covered_points_are_skipped_and_results_stay_close(tiny_models, engine):
+    image = synthetic_scene((192, 256), seed=1)
+    full = ProposalSettings(**RANDOM_WEIGHT_SETTINGS, points_per_side=8, points_per_batch=64)
+    fast = ProposalSettings(**RANDOM_WEIGHT_SETTINGS, points_per_side=8, points_per_batch=64, skip_covered_points=True)
+    calls = []
+    decode = engine.decode_points
+    engine.decode_points = lambda emb, pts: calls.append(len(pts)) or decode(emb, pts)
+    try:
+        exact = ProposalGenerator(engine).generate(image, full)
+        n_full = sum(calls)
+        calls.clear()
+        skipped = ProposalGenerator(engine).generate(image, fast)
+        n_fast = sum(calls)
+    finally:
+        del engine.decode_points
+    assert n_full == 64 and n_fast < n_full
+    assert len(exact) > 0 and len(skipped) > 0
+    assert np.mean(_best_ious(list(exact.masks.numpy()), skipped.masks)) > 0.8

@@ -149,8 +149,14 @@ class ProposalSettings:
     crop_overlap_ratio: float = DEFAULT_CROP_OVERLAP_RATIO
     crop_n_points_downscale_factor: int = DEFAULT_CROP_N_POINTS_DOWNSCALE_FACTOR
     min_mask_region_area: int = DEFAULT_MIN_MASK_REGION_AREA
+    # Not in segment-anything: decode every other row and column of the grid
+    # first, then only the points no kept mask covers. Several times fewer
+    # prompts on images with large objects; results differ from the full grid
+    # (bench/pipeline.py measures how much).
+    skip_covered_points: bool = False
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.skip_covered_points, bool), f"skip_covered_points: expected a boolean, got {self.skip_covered_points!r}")
         for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
             v = getattr(self, name)
             _require(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096, f"{name}: expected an integer in [1, 4096], got {v!r}")

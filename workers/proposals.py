@@ -256,23 +256,33 @@ class ProposalGenerator:
         points = torch.as_tensor(grid * np.array([crop_w, crop_h]), dtype=torch.float32)
         whole_image = tuple(crop_box) == (0, 0, image_hw[1], image_hw[0])
 
-        # 1. Decode every prompt; keep the masks that pass both quality filters, at low resolution.
+        # 1. Decode the prompts; keep the masks that pass both quality filters, at low resolution.
         lows, ious, pts = [], [], []
-        for start in range(0, len(points), s.points_per_batch):
-            batch = points[start : start + s.points_per_batch]
-            low_res, iou = eng.decode_points(emb, batch)
-            m = low_res.shape[1]
-            # One row and column past the image: bilinear upsampling of the last image rows reads them.
-            low_res = eng.low_res_valid(emb, low_res.flatten(0, 1), margin=1)
-            iou = iou.flatten(0, 1)
-            # Exact: the predicted IoU does not depend on resolution.
-            keep = iou > s.pred_iou_thresh if s.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
-            if s.stability_score_thresh > 0:
-                keep &= self._stable(emb, low_res, keep, s)
-            idx = keep.nonzero()[:, 0]
-            lows.append(low_res[idx])
-            ious.append(iou[idx])
-            pts.append(batch.to(iou.device).repeat_interleave(m, dim=0)[idx])
+        if s.skip_covered_points:
+            first, rest = _coarse_first(grid)
+            rounds = [points[first], points[rest]]
+        else:
+            rounds = [points]
+        for n_round, round_points in enumerate(rounds):
+            if n_round and lows:
+                round_points = round_points[~self._covered(emb, torch.cat(lows), round_points)]
+            for start in range(0, len(round_points), s.points_per_batch):
+                batch = round_points[start : start + s.points_per_batch]
+                low_res, iou = eng.decode_points(emb, batch)
+                m = low_res.shape[1]
+                # One row and column past the image: bilinear upsampling of the last image rows reads them.
+                low_res = eng.low_res_valid(emb, low_res.flatten(0, 1), margin=1)
+                iou = iou.flatten(0, 1)
+                # Exact: the predicted IoU does not depend on resolution.
+                keep = iou > s.pred_iou_thresh if s.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+                if s.stability_score_thresh > 0:
+                    keep &= self._stable(emb, low_res, keep, s)
+                idx = keep.nonzero()[:, 0]
+                lows.append(low_res[idx])
+                ious.append(iou[idx])
+                pts.append(batch.to(iou.device).repeat_interleave(m, dim=0)[idx])
+        if not lows:
+            return _empty(image_hw, emb.features.device)
         low_res, iou, pts = torch.cat(lows), torch.cat(ious), torch.cat(pts)
         if len(iou) == 0:
             return _empty(image_hw, emb.features.device)
@@ -306,6 +316,15 @@ class ProposalGenerator:
         keep = batched_nms(part.boxes_xyxy_px.float(), part.predicted_iou, torch.zeros_like(part.predicted_iou), s.box_nms_thresh)
         return _uncrop(_select(part, keep), crop_box, image_hw)
 
+    def _covered(self, emb: ImageEmbedding, low_res: torch.Tensor, points_xy_px: torch.Tensor) -> torch.Tensor:
+        """Which points (N, 2) in px of the embedded image lie inside any of the low-res masks. (N,) bool."""
+        union = (self.engine.low_res_valid(emb, low_res) > MASK_THRESHOLD).any(dim=0)
+        coords = self.engine.transform.apply_coords_torch(points_xy_px.to(union.device), emb.original_size)
+        ij = (coords / LOW_RES_SCALE).long()
+        x = ij[:, 0].clamp(0, union.shape[1] - 1)
+        y = ij[:, 1].clamp(0, union.shape[0] - 1)
+        return union[y, x]
+
     def _stable(self, emb: ImageEmbedding, low_res: torch.Tensor, candidates: torch.Tensor, s: ProposalSettings) -> torch.Tensor:
         """Which masks pass the stability threshold, upsampling only those too close to call at low resolution."""
         approx = stability_score(self.engine.low_res_valid(emb, low_res), s.stability_score_offset)
@@ -333,6 +352,16 @@ class ProposalGenerator:
         if s.min_mask_region_area > 0 and len(p):
             p = _remove_small_regions(p, s.min_mask_region_area, s.box_nms_thresh)
         return p
+
+
+def _coarse_first(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a point grid (N, 2) in [0, 1]: every other row and column first, then the rest."""
+    side = int(round(np.sqrt(len(grid))))
+    if side * side != len(grid):
+        return np.arange(len(grid)), np.arange(0)
+    row, col = np.divmod(np.arange(len(grid)), side)
+    coarse = (row % 2 == 0) & (col % 2 == 0)
+    return np.flatnonzero(coarse), np.flatnonzero(~coarse)
 
 
 def _select(p: Proposals, idx: torch.Tensor) -> Proposals:
