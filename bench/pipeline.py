@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     # Keep every proposal, labelled or not, so both sides return the same mask set.
     scoring = ScoringSettings(label_threshold=0.0, min_margin=0.0, keep_unlabeled=True)
     concepts = tuple(Concept(c) for c in CONCEPTS)
-    ours = Pipeline(models, compile_decoder=not args.no_compile, points_per_batch=proposals.points_per_batch)
+    ours = Pipeline(models, compile_decoder=not args.no_compile)
     ref = Reference(models, proposals, CONCEPTS)
 
     tmp = Path(tempfile.mkdtemp(prefix="labelassist-bench-"))

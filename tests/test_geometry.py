@@ -373,3 +373,13 @@ def test_bad_input_raises_contract_error(call, message):
     with pytest.raises(ContractError) as info:
         call()
     assert message in str(info.value)
+
+
+def test_iou_can_be_left_unmeasured():
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[2:6, 2:6] = True
+    mask[8:11, 7:11] = True
+    measured = g.mask_to_polygons_px(mask, min_area_px=1)
+    unmeasured = g.mask_to_polygons_px(mask, min_area_px=1, measure_iou=False)
+    assert [p.iou for p in unmeasured] == [None, None]
+    assert all(np.array_equal(a.points_xy_px, b.points_xy_px) for a, b in zip(measured, unmeasured))

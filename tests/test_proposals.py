@@ -81,7 +81,7 @@ def test_batches_padded_for_a_fixed_decoder_size_give_the_same_result(engine):
     emb = engine.embed(image)
     pts = torch.rand(10, 2) * 128
     a, ia = engine.decode_points(emb, pts)
-    engine.fixed_batch = 16
+    engine.fixed_batch = 4  # chunks of 4, 4 and 2 padded to 4
     try:
         b, ib = engine.decode_points(emb, pts)
     finally:
@@ -101,15 +101,16 @@ def test_interactive_prompt_gives_one_mask(engine):
         assert mask.shape == (128, 160) and mask.dtype == torch.bool and np.isfinite(iou)
 
 
-def test_coarse_first_splits_the_grid_without_loss():
+@pytest.mark.parametrize("side, levels, sizes", [(4, 2, [4, 12]), (8, 3, [4, 12, 48]), (5, 3, [4, 5, 16]), (3, 1, [9])])
+def test_coarse_to_fine_rounds_cover_the_grid_once(side, levels, sizes):
     from segment_anything.utils.amg import build_point_grid
 
-    from labelassist.workers.proposals import _coarse_first
+    from labelassist.workers.proposals import _coarse_to_fine
 
-    grid = build_point_grid(4)
-    first, rest = _coarse_first(grid)
-    assert sorted(np.concatenate([first, rest]).tolist()) == list(range(16))
-    assert len(first) == 4 and all(np.isin(grid[first], grid[[0, 2, 8, 10]]).all(axis=1))
+    rounds = _coarse_to_fine(build_point_grid(side), levels)
+    assert [len(r) for r in rounds] == sizes
+    assert sorted(np.concatenate(rounds).tolist()) == list(range(side * side))
+    assert 0 in rounds[0]  # the coarsest lattice starts at the grid's corner
 
 
 def test_covered_points_are_skipped_and_results_stay_close(tiny_models, engine):

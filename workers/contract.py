@@ -149,8 +149,9 @@ class ProposalSettings:
     crop_overlap_ratio: float = DEFAULT_CROP_OVERLAP_RATIO
     crop_n_points_downscale_factor: int = DEFAULT_CROP_N_POINTS_DOWNSCALE_FACTOR
     min_mask_region_area: int = DEFAULT_MIN_MASK_REGION_AREA
-    # Not in segment-anything: decode every other row and column of the grid
-    # first, then only the points no kept mask covers. Several times fewer
+    # Not in segment-anything: decode the grid coarse to fine (every 4th row and
+    # column, then every 2nd, then the rest), each round only at points no kept
+    # mask covers. Several times fewer
     # prompts on images with large objects; results differ from the full grid
     # (bench/pipeline.py measures how much).
     skip_covered_points: bool = False

@@ -54,17 +54,20 @@ class Polygon:
     ``points_xy_px``: (K, 2) float32, K >= 3, pixel-corner coordinates, read-only; the
     ring closes by itself (the last point is not a repeat of the first).
     ``iou``: IoU of this polygon, rasterised, with the connected component it was traced
-    from, in [0, 1]; what the vertex budget and hole policy cost.
+    from, in [0, 1]; what the vertex budget and hole policy cost. None when the caller
+    did not ask for it (``mask_to_polygons_px(measure_iou=False)``).
     """
 
     points_xy_px: np.ndarray
-    iou: float
+    iou: float | None
 
     def __post_init__(self) -> None:
         points = _points_xy(self.points_xy_px, "polygon points_xy_px").astype(np.float32)
         points.setflags(write=False)
         object.__setattr__(self, "points_xy_px", points)
         iou = self.iou
+        if iou is None:
+            return
         if isinstance(iou, bool) or not isinstance(iou, (int, float, np.floating, np.integer)) or not 0.0 <= float(iou) <= 1.0:
             raise ContractError(f"polygon iou: expected a number in [0, 1], got {iou!r}")
         object.__setattr__(self, "iou", float(iou))
@@ -326,6 +329,7 @@ def mask_to_polygons_px(
     max_vertices: int = DEFAULT_MAX_VERTICES,
     min_area_px: int = DEFAULT_MIN_POLYGON_AREA_PX,
     holes: str = "bridge",
+    measure_iou: bool = True,
 ) -> list[Polygon]:
     """Trace a bool (H, W) mask into Label Studio polygons, one per connected component.
 
@@ -345,7 +349,8 @@ def mask_to_polygons_px(
     included). The outline is traced along pixel edges, simplified with
     ``cv2.approxPolyDP`` at ``START_TOLERANCE_PX`` (lossless) and, when that is over
     budget, at the smallest tolerance found by binary search that meets it. Each
-    polygon's ``iou`` is measured, not estimated.
+    polygon's ``iou`` is measured, not estimated, unless ``measure_iou`` is False (a
+    caller that measures the whole mask's IoU once saves a rasterisation per component).
     """
     import cv2
 
@@ -364,7 +369,7 @@ def mask_to_polygons_px(
         x, y, w, h = (int(v) for v in stats[label, :4])
         component = labels[y:y + h, x:x + w] == label
         ring = _component_ring(component, max_vertices, min_area_px, max_holes)
-        iou = polygons_iou([ring], component)
+        iou = polygons_iou([ring], component) if measure_iou else None
         polygons.append(Polygon(points_xy_px=ring + np.array([x, y], dtype=np.float32), iou=iou))
     return polygons
 

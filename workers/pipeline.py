@@ -68,15 +68,12 @@ class EmbeddingCache:
 class Pipeline:
     """Resident models plus everything per job. One per worker process."""
 
-    def __init__(self, models, limits: PipelineLimits = PipelineLimits(), compile_decoder: bool = False,
-                 points_per_batch: int | None = None):
+    def __init__(self, models, limits: PipelineLimits = PipelineLimits(), compile_decoder: bool = False):
         self.models = models
         self.limits = limits
         self.engine = SamEngine(models.sam, models.device, models.dtype)
         if compile_decoder:
-            from labelassist.workers.contract import DEFAULT_POINTS_PER_BATCH
-
-            self.engine.compile(points_per_batch or DEFAULT_POINTS_PER_BATCH)
+            self.engine.compile()
         self.generator = ProposalGenerator(self.engine)
         self.scorer = ConceptScorer(models.clip, models.device, models.dtype)
         self.embeddings = EmbeddingCache(limits.embedding_cache_size)
@@ -182,7 +179,8 @@ class Pipeline:
         regions = []
         for j, i in enumerate(keep):
             mask = masks_np[j]
-            polys = geometry.mask_to_polygons_px(mask, request.geometry.max_vertices, request.geometry.min_polygon_area_px)
+            polys = geometry.mask_to_polygons_px(mask, request.geometry.max_vertices, request.geometry.min_polygon_area_px,
+                                                 measure_iou=False)
             if not polys:
                 continue
             region_id = hashlib.sha256(f"{request.task_id}|{sha}|{self.version}|{i}".encode()).hexdigest()[:REGION_ID_CHARS]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torchvision.ops.boxes import batched_nms
 
 from labelassist.workers.contract import Prompt, ProposalSettings
+from labelassist.workers.sam_decoder import decode_masks
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ STABILITY_PREFILTER_MARGIN = 0.05
 # Duplicates are first dropped by NMS on low-res boxes at this much looser an IoU,
 # then NMS runs again, exactly, on full-resolution boxes of what is left.
 NMS_PREFILTER_SLACK = 0.1
-UPSAMPLE_CHUNK = 64  # masks upsampled at once: 64 x 1024 x 1024 fp32 is 256 MB
+COARSE_TO_FINE_LEVELS = 3  # skip_covered_points: grid strides 4, 2, 1
+UPSAMPLE_CHUNK = 64
+# The compiled decoder's one batch size: per-prompt cost is flat from 32 to 256 on a
+# CPU, and a small batch wastes little padding on the short coarse-to-fine rounds.
+COMPILED_DECODER_BATCH = 64  # masks upsampled at once: 64 x 1024 x 1024 fp32 is 256 MB
 LOW_RES_SCALE = 4  # the mask decoder's logits are at 1/4 of the encoder's input size
 MASK_THRESHOLD = 0.0  # SAM's logit threshold for a pixel to be in the mask
 CROP_EDGE_ATOL_PX = 20.0  # as segment-anything: a box this close to an inner crop edge is cut off
@@ -95,14 +100,14 @@ class SamEngine:
         self.fixed_batch: int | None = None
         self._compiled_decoder = None
 
-    def compile(self, batch: int) -> None:
+    def compile(self, batch: int = COMPILED_DECODER_BATCH) -> None:
         """Compile the mask decoder for prompt batches of ``batch``.
 
         On a CPU the decoder is memory-bound: fusing its element-wise chains cuts
         its time several-fold (see bench/pipeline.py). Worth it only in a
         resident worker; the first batches pay the compilation.
         """
-        self._compiled_decoder = torch.compile(self.sam.mask_decoder, dynamic=False)
+        self._compiled_decoder = torch.compile(decode_masks, dynamic=False)
         self.fixed_batch = batch
 
     def _autocast(self):
@@ -136,28 +141,38 @@ class SamEngine:
             boxes = self.transform.apply_boxes_torch(box_xyxy_px.to(self.device, torch.float32), emb.original_size)
         with self._autocast():
             sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-            inputs = dict(image_embeddings=emb.features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
+            # Without a mask prompt the dense embedding is the same for every prompt: pass one.
+            inputs = (self.sam.mask_decoder, emb.features, self.sam.prompt_encoder.get_dense_pe(), sparse, dense[:1], multimask)
             low_res = None
             if self._compiled_decoder is not None and multimask and len(sparse) == self.fixed_batch:
                 try:
-                    low_res, iou = self._compiled_decoder(**inputs)
+                    low_res, iou = self._compiled_decoder(*inputs)
                 except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager decoder gives the same masks
                     log.warning("compiled mask decoder failed (%s: %s); decoding eagerly from now on", type(exc).__name__, exc)
                     self._compiled_decoder = None
                     self.fixed_batch = None
             if low_res is None:
-                low_res, iou = self.sam.mask_decoder(**inputs)
+                low_res, iou = decode_masks(*inputs)
         return low_res.float(), iou.float()
 
     def decode_points(self, emb: ImageEmbedding, points_xy_px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One positive point per prompt, (B, 2) px -> three candidate masks each, as ``decode``."""
-        n = len(points_xy_px)
-        if self.fixed_batch is not None and n % self.fixed_batch:
-            pad = self.fixed_batch - n % self.fixed_batch
-            points_xy_px = torch.cat([points_xy_px, points_xy_px[-1:].expand(pad, 2)])
-        low_res, iou = self.decode(emb, points_xy_px[:, None, :], torch.ones(len(points_xy_px), 1, dtype=torch.int64))
-        return low_res[:n], iou[:n]
+        """One positive point per prompt, (B, 2) px -> three candidate masks each, as ``decode``.
+
+        With a compiled decoder the prompts go in chunks of its one batch size, the last padded.
+        """
+        step = self.fixed_batch or max(len(points_xy_px), 1)
+        lows, ious = [], []
+        for start in range(0, len(points_xy_px), step):
+            chunk = points_xy_px[start : start + step]
+            n = len(chunk)
+            if n < step:
+                chunk = torch.cat([chunk, chunk[-1:].expand(step - n, 2)])
+            low_res, iou = self.decode(emb, chunk[:, None, :], torch.ones(len(chunk), 1, dtype=torch.int64))
+            lows.append(low_res[:n])
+            ious.append(iou[:n])
+        if not lows:
+            return self.decode(emb, points_xy_px[:, None, :], torch.ones(0, 1, dtype=torch.int64))
+        return torch.cat(lows), torch.cat(ious)
 
     def upsample(self, emb: ImageEmbedding, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res logits (N, 256, 256) -> logits (N, H, W) at the original size, as SAM's postprocess_masks."""
@@ -258,11 +273,7 @@ class ProposalGenerator:
 
         # 1. Decode the prompts; keep the masks that pass both quality filters, at low resolution.
         lows, ious, pts = [], [], []
-        if s.skip_covered_points:
-            first, rest = _coarse_first(grid)
-            rounds = [points[first], points[rest]]
-        else:
-            rounds = [points]
+        rounds = [points[r] for r in _coarse_to_fine(grid)] if s.skip_covered_points else [points]
         for n_round, round_points in enumerate(rounds):
             if n_round and lows:
                 round_points = round_points[~self._covered(emb, torch.cat(lows), round_points)]
@@ -354,14 +365,20 @@ class ProposalGenerator:
         return p
 
 
-def _coarse_first(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a point grid (N, 2) in [0, 1]: every other row and column first, then the rest."""
+def _coarse_to_fine(grid: np.ndarray, levels: int = COARSE_TO_FINE_LEVELS) -> list[np.ndarray]:
+    """Indices of a square point grid (N, 2) in rounds: every 2**(levels-1)-th row and column
+    first, then each finer lattice's new points. Together they are every index once."""
     side = int(round(np.sqrt(len(grid))))
     if side * side != len(grid):
-        return np.arange(len(grid)), np.arange(0)
+        return [np.arange(len(grid))]
     row, col = np.divmod(np.arange(len(grid)), side)
-    coarse = (row % 2 == 0) & (col % 2 == 0)
-    return np.flatnonzero(coarse), np.flatnonzero(~coarse)
+    rounds, taken = [], np.zeros(len(grid), dtype=bool)
+    for level in reversed(range(levels)):
+        stride = 2**level
+        on_lattice = (row % stride == 0) & (col % stride == 0) & ~taken
+        rounds.append(np.flatnonzero(on_lattice))
+        taken |= on_lattice
+    return [r for r in rounds if len(r)]
 
 
 def _select(p: Proposals, idx: torch.Tensor) -> Proposals:
