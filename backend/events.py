@@ -48,7 +48,6 @@ from labelassist.backend.store import (
     EVENT_PENDING,
     CorrectionStore,
     StoredEvent,
-    StoreError,
 )
 from labelassist.plugin.corrections import DEFAULT_MATCH_IOU, CorrectionError, diff_annotation
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np

@@ -13,7 +13,7 @@ import pytest
 from redis import Redis
 
 from labelassist.backend.app import create_app
-from labelassist.backend.followup import INFLIGHT_KEY, PENDING_KEY, PendingPushes
+from labelassist.backend.followup import PENDING_KEY, PendingPushes
 from labelassist.backend.queue import JobOptions, QueueClient
 from labelassist.backend.service import EVENTS_STREAM, MODEL_VERSION_KEY, PROJECT_KEY, fallback_model_version
 from labelassist.backend.settings import Settings

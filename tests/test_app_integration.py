@@ -7,11 +7,6 @@ and the one background prompt is a long sentence a random text tower ranks low.
 
 from __future__ import annotations
 
-import io
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -27,6 +22,8 @@ from labelassist.backend.service import LabelStudioDelivery, Runtime
 from labelassist.backend.settings import Settings
 from labelassist.plugin.ls_client import LabelStudioClient
 
+from conftest import running_worker
+
 pytestmark = pytest.mark.slow
 
 CONFIG = """<View>
@@ -35,7 +32,6 @@ CONFIG = """<View>
 </View>"""
 PROPOSALS = '{"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 0.9}'
 SCORING = '{"label_threshold": 0.0, "min_margin": 0.0, "background_prompts": ["a photo of a square"]}'
-WORKER_START_TIMEOUT_S = 180
 LS = "http://ls.test:8080"
 
 
@@ -52,23 +48,8 @@ def write_png(path, size_wh=(96, 64)) -> None:
 def worker_redis(redis_proc):
     """Redis db 2 of the session's server with one long-running tiny-random worker on it."""
     url = f"redis://{redis_proc.host}:{redis_proc.port}/2"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LABELASSIST_")}
-    env.update(HF_HUB_OFFLINE="1", LABELASSIST_TORCH_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "labelassist.backend.cli", "worker", "--redis-url", url, "--models", "tiny-random"],
-                            env=env, start_new_session=True)
-    connection = Redis.from_url(url)
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while not connection.get("labelassist:model_version"):
-        assert proc.poll() is None, "the worker exited"
-        assert time.monotonic() < deadline, "the worker did not publish its model version"
-        time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    connection.flushdb()
+    with running_worker(url):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import requests
 import requests_mock
 from redis import Redis
 
-from labelassist.backend.followup import INFLIGHT_KEY, PENDING_KEY, STALE_CLAIM_S, PendingPush, PendingPushes, Pusher
+from labelassist.backend.followup import INFLIGHT_KEY, PENDING_KEY, STALE_CLAIM_S, PendingPush, Pusher
 from labelassist.backend.queue import JobOptions, QueueClient
 from labelassist.backend.service import LabelStudioDelivery, ProjectLink, Runtime
 from labelassist.backend.settings import Settings

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 from PIL import Image
 from redis import Redis
@@ -21,11 +15,11 @@ from labelassist.workers.contract import (
     ScoringSettings,
 )
 
+from conftest import running_worker
 from scenes import synthetic_scene
 
 pytestmark = pytest.mark.slow
 
-START_TIMEOUT_S = 180
 RESULT_TIMEOUT_S = 120
 PROPOSALS = ProposalSettings(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.95)
 KEEP_ALL = ScoringSettings(label_threshold=0.0, min_margin=0.0, keep_unlabeled=True)
@@ -35,23 +29,8 @@ KEEP_ALL = ScoringSettings(label_threshold=0.0, min_margin=0.0, keep_unlabeled=T
 def worker(redis_proc, tmp_path_factory):
     """(redis url, worker process): a tiny-random worker on db 3 of the session's server."""
     url = f"redis://{redis_proc.host}:{redis_proc.port}/3"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LABELASSIST_")}
-    env.update(HF_HUB_OFFLINE="1", LABELASSIST_TORCH_THREADS="1", LABELASSIST_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
-    proc = subprocess.Popen([sys.executable, "-m", "labelassist.backend.cli", "worker", "--redis-url", url,
-                             "--models", "tiny-random", "--device", "cpu"], env=env, start_new_session=True)
-    connection = Redis.from_url(url)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not connection.get("labelassist:model_version"):
-        assert proc.poll() is None, "the worker exited during start-up"
-        assert time.monotonic() < deadline, "the worker did not publish its model version"
-        time.sleep(0.3)
-    yield url, proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    connection.flushdb()
+    with running_worker(url, "--device", "cpu", env={"LABELASSIST_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}) as proc:
+        yield url, proc
 
 
 @pytest.fixture(scope="module")
