@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from labelassist.plugin.config import ControlTag, ProjectConfig
+from labelassist.plugin.corrections import prediction_meta
 from labelassist.plugin.errors import ContextError, UnsupportedConfigError
 from labelassist.workers.contract import PredictResult, Prompt, Region
 from labelassist.workers.errors import ContractError
@@ -53,7 +54,7 @@ def prediction_from_result(result: PredictResult, config: ProjectConfig, model_v
     if pairs:
         size_wh = _size_wh(result)
         for region, control in pairs:
-            items.extend(region_items(region, control, region.label, size_wh))
+            items.extend(region_items(region, control, region.label, size_wh, result.image_sha256))
     return {"result": _unique_ids(items), "score": float(result.score), "model_version": model_version}
 
 
@@ -83,8 +84,14 @@ def interactive_result(result: PredictResult, control: ControlTag, label: str) -
     return _unique_ids(items)
 
 
-def region_items(region: Region, control: ControlTag, label: str, size_wh: tuple[int, int]) -> list[dict[str, Any]]:
-    """The result items of one region in one control (one per polygon for PolygonLabels)."""
+def region_items(region: Region, control: ControlTag, label: str, size_wh: tuple[int, int],
+                 image_sha256: str = "") -> list[dict[str, Any]]:
+    """The result items of one region in one control (one per polygon for PolygonLabels).
+
+    Each item's ``meta`` carries the region's CLIP embedding and the image hash
+    (``plugin.corrections.prediction_meta``), so when an annotator corrects the
+    prediction, the correction log knows what the model saw without asking a worker.
+    """
     width, height = size_wh
     prefix = f"{region.id}-{_slug(control.name)}"
     base = {
@@ -96,6 +103,8 @@ def region_items(region: Region, control: ControlTag, label: str, size_wh: tuple
         "image_rotation": 0,
         "score": float(region.score),
     }
+    if region.embedding or image_sha256:
+        base["meta"] = prediction_meta(region.embedding, image_sha256)
     if control.kind == "polygonlabels":
         items = []
         for index, polygon in enumerate(region.polygons_pct):

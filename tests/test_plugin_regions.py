@@ -244,3 +244,16 @@ def test_bad_interactive_context_names_the_problem(items, message):
         parse_interactive_context({"result": items}, CONFIG)
     assert message in str(err.value)
     assert err.value.code == "bad_context"
+
+
+def test_items_carry_the_region_embedding_for_the_correction_log():
+    from labelassist.plugin.corrections import region_extras
+
+    embedding = (0.6, -0.8, 0.0)
+    pred = prediction_from_result(result(region(embedding=embedding), image_sha256="ab" * 32), CONFIG, "la-1", value_key="image")
+    assert pred["result"]
+    for item in pred["result"]:
+        extras = region_extras(item)
+        assert extras.score == 0.875
+        assert np.allclose(extras.embedding, embedding, atol=1e-3)  # kept as float16
+        assert item["meta"]["labelassist"]["image_sha256"] == "ab" * 32

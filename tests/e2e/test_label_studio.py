@@ -292,5 +292,9 @@ def test_annotations_reach_the_correction_log(label_studio, project, backend, co
         assert [e.action for e in store.events(action="ANNOTATION_CREATED")] == ["ANNOTATION_CREATED"]
         [corr] = corrections
         assert corr.task_id == task_id and corr.model_version == backend["version"], corr
+        # The annotation kept every predicted region, and Label Studio kept each item's meta,
+        # so the log has the CLIP embedding the model saw for each of them.
+        assert corr.regions and all(r.kind == "accepted" for r in corr.regions), corr.regions
+        assert all(len(r.pred_embedding) > 0 for r in corr.regions)
     finally:
         store.close()
