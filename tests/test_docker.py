@@ -18,11 +18,6 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -119,13 +114,11 @@ def exec_form(rest: str) -> list[str]:
 
 
 def worker_extra_pins() -> dict[str, str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = {}
-    for requirement in project["optional-dependencies"]["worker"]:
-        name, sep, version = requirement.partition("==")
-        if sep:
-            pins[name.strip()] = version.strip()
-    return pins
+    """``name==version`` pins of pyproject.toml's ``worker`` extra (read without tomllib: Python 3.10)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r"^worker\s*=\s*\[(.*?)^\]", text, re.S | re.M)
+    assert block, "pyproject.toml: no worker extra"
+    return dict(re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', block.group(1)))
 
 
 # -- compose ---------------------------------------------------------------------------------------
