@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.02  # how often wait() looks at job states
 JOB_RETRIES = 2  # a job whose worker died or raised is run again this many times
-RETRY_INTERVALS_S = [5, 30]
+# No delay between tries: a delayed retry waits for RQ's scheduler, and a job whose
+# worker was killed should run again as soon as another worker is free. Retries go
+# to the front of the queue: their task has already waited once.
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class QueueClient:
             job_timeout=timeout_s or self.options.timeout_s,
             result_ttl=self.options.result_ttl_s,
             failure_ttl=self.options.failure_ttl_s,
-            retry=Retry(max=JOB_RETRIES, interval=RETRY_INTERVALS_S),
+            retry=Retry(max=JOB_RETRIES, enqueue_at_front=True),
             description=f"task {request.task_id}",
         )
         return job_id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from PIL import Image
 from redis import Redis
@@ -45,8 +47,8 @@ def _client(url: str) -> QueueClient:
 
 
 def _request(path, task_id=1, **kw) -> PredictRequest:
-    return PredictRequest(task_id=task_id, image=ImageSource(str(path)), concepts=(Concept("cat"), Concept("dog")),
-                          proposals=PROPOSALS, scoring=KEEP_ALL, **kw)
+    kw = {"proposals": PROPOSALS, "scoring": KEEP_ALL, **kw}
+    return PredictRequest(task_id=task_id, image=ImageSource(str(path)), concepts=(Concept("cat"), Concept("dog")), **kw)
 
 
 def test_worker_serves_predictions_with_resident_models(worker, image_path):
@@ -94,3 +96,37 @@ def test_interactive_queue_first(worker, image_path):
     result = client.wait([job], RESULT_TIMEOUT_S)[job]
     assert isinstance(result, PredictResult) and result.ok
     assert [r.label for r in result.regions] == ["cat"]
+
+
+def test_a_killed_workers_job_runs_again_on_another_worker(redis_proc, tmp_path):
+    """SIGKILL a worker mid-job: RQ's maintenance finds the job abandoned and our retry puts it back."""
+    import os
+    import signal
+
+    from rq.job import Job, JobStatus
+    from rq.registry import StartedJobRegistry
+
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/4"
+    path = tmp_path / "slow.png"
+    Image.fromarray(synthetic_scene((256, 256), seed=4)).save(path)
+    # 256 prompts decoded eagerly on one thread: seconds of work, so the kill lands mid-job.
+    slow = ProposalSettings(points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.95)
+    client = _client(url)
+    connection = Redis.from_url(url)
+    with running_worker(url, "--device", "cpu") as first:
+        job_id = client.submit(_request(path, task_id=30, proposals=slow))
+        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        while Job.fetch(job_id, connection=connection, serializer=JSONSerializer).get_status() != JobStatus.STARTED:
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+        assert client.result(job_id) is None  # not lost, not failed: waiting for its worker
+        # What any worker's maintenance does once the dead worker's heartbeat has lapsed
+        # (up to ~90 s, then within MAINTENANCE_INTERVAL_S); here the clock is moved on instead of waited out.
+        registry = StartedJobRegistry("predict", connection=connection, serializer=JSONSerializer)
+        registry.cleanup(timestamp=time.time() + 3600)
+        assert Job.fetch(job_id, connection=connection, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+        with running_worker(url, "--device", "cpu"):
+            result = client.wait([job_id], RESULT_TIMEOUT_S)[job_id]
+    assert result.ok and result.task_id == "30" and len(result.regions) > 0

@@ -18,6 +18,9 @@ from labelassist.workers.pipeline import PipelineLimits
 log = logging.getLogger(__name__)
 
 MODEL_VERSION_KEY = "labelassist:model_version"  # read by the web tier
+# How often a worker looks for jobs whose worker died (RQ's default is 10 minutes).
+# Such a job is found once its heartbeat lapses (its timeout, at most 30 s, plus 60 s).
+MAINTENANCE_INTERVAL_S = 60
 WORKER_PROVENANCE_KEY = "labelassist:worker:{name}:models"
 ENV_PREFIX = "LABELASSIST_"
 
@@ -92,6 +95,7 @@ def run_worker(config: WorkerConfig, redis_url: str, queues=INFERENCE_QUEUES, bu
         connection=connection,
         serializer=JSONSerializer,
         name=name,
+        maintenance_interval=MAINTENANCE_INTERVAL_S,
     )
     connection.set(WORKER_PROVENANCE_KEY.format(name=worker.name), json.dumps(pipeline.models.provenance))
     log.info("worker %s serving %s on queues %s (pid %d)", worker.name, pipeline.version, ",".join(queues), os.getpid())
