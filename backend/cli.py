@@ -133,6 +133,40 @@ def connect(**options) -> None:
              outcome.project_id, outcome.ml_backend_id, outcome.webhook_url, outcome.model_version)
 
 
+@cli.command()
+@click.option("--ls-url", required=True, envvar=ENV_PREFIX + "LS_URL", help=f"Label Studio URL [env {ENV_PREFIX}LS_URL].")
+@click.option("--token", required=True, envvar=ENV_PREFIX + "LS_TOKEN",
+              help=f"Label Studio personal access token or legacy API key [env {ENV_PREFIX}LS_TOKEN].")
+@click.option("--project", "project_id", required=True, type=int, envvar=ENV_PREFIX + "PROJECT", help=f"Project id [env {ENV_PREFIX}PROJECT].")
+@click.option("--model-version", default=None, help="Rank by this version's predictions (default: the project's model version).")
+@click.option("--include-annotated", is_flag=True, help="Also list tasks that already have an annotation.")
+@click.option("--limit", type=int, default=None, help="Show only the first N tasks.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
+def rank(ls_url: str, token: str, project_id: int, model_version: str | None, include_annotated: bool, limit: int | None,
+         as_json: bool) -> None:
+    """List a project's tasks from least to most certain (active learning: label these first)."""
+    import json
+
+    from labelassist.backend.ranking import format_ranking, rank_tasks
+    from labelassist.plugin.errors import LabelStudioAPIError
+    from labelassist.plugin.ls_client import LabelStudioClient
+
+    try:
+        client = LabelStudioClient(ls_url, token)
+        version = model_version or client.get_project(project_id).get("model_version") or ""
+        if not version:
+            raise click.UsageError(f"project {project_id} has no model version; run `labelassist connect` or pass --model-version")
+        ranked = rank_tasks(client.list_tasks(project_id), version, include_annotated)
+    except LabelStudioAPIError as exc:
+        raise click.ClickException(str(exc)) from None
+    ranked = ranked[:limit] if limit is not None else ranked
+    if as_json:
+        for task in ranked:
+            click.echo(json.dumps(task.to_json()))
+    else:
+        click.echo(format_ranking(ranked, version))
+
+
 @cli.group()
 def corrections() -> None:
     """The corrections log: what annotators did to the predictions."""

@@ -226,6 +226,24 @@ def test_retrieve_predictions_stores_one_polygon_prediction_per_task(label_studi
     assert all(t.get("predictions_score") is not None for t in tasks), [t.get("predictions_score") for t in tasks]
 
 
+def test_rank_lists_every_task_least_certain_first(label_studio, project, backend, connected):
+    import json as jsonlib
+
+    from click.testing import CliRunner
+
+    from labelassist.backend.cli import cli
+
+    retrieve_predictions(label_studio, project["id"])
+    wait_for_predictions(label_studio, project, timeout_s=60)
+    out = CliRunner().invoke(cli, ["rank", "--ls-url", label_studio.url, "--token", label_studio.token,
+                                   "--project", str(project["id"]), "--include-annotated", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = [jsonlib.loads(line) for line in out.output.splitlines() if line.startswith("{")]
+    assert sorted(r["task_id"] for r in rows) == sorted(project["task_ids"])
+    scores = [r["score"] for r in rows]
+    assert None not in scores and scores == sorted(scores)
+
+
 def test_late_predictions_arrive_through_the_follow_up(label_studio, backend, tmp_path):
     """A second web tier on the same Redis and worker, behind basic auth, with a budget shorter than one job:
     /predict answers with no prediction for every task, and the follow-up writes each one to Label Studio, once."""
