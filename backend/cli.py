@@ -134,6 +134,29 @@ def connect(**options) -> None:
 
 
 @cli.command()
+@setting_options("redis_url")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def status(as_json: bool, **options) -> None:
+    """Queues and their depths, workers and what they run, predictions waiting to be written."""
+    import json
+
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from labelassist.backend.status import collect_status, format_status
+
+    settings = build_settings(**options)
+    if not settings.redis_url:
+        raise click.UsageError(f"status needs the queue's Redis URL: --redis-url or {ENV_PREFIX}REDIS_URL "
+                               "(`labelassist serve` logs its private one)")
+    try:
+        snapshot = collect_status(Redis.from_url(settings.redis_url, socket_timeout=5))
+    except RedisError as exc:
+        raise click.ClickException(f"cannot read the queue at {settings.redis_url}: {exc}") from None
+    click.echo(json.dumps(snapshot) if as_json else format_status(snapshot))
+
+
+@cli.command()
 @click.option("--ls-url", required=True, envvar=ENV_PREFIX + "LS_URL", help=f"Label Studio URL [env {ENV_PREFIX}LS_URL].")
 @click.option("--token", required=True, envvar=ENV_PREFIX + "LS_TOKEN",
               help=f"Label Studio personal access token or legacy API key [env {ENV_PREFIX}LS_TOKEN].")

@@ -42,6 +42,7 @@ from labelassist.backend.settings import Settings, json_object_setting
 from labelassist.plugin.config import ControlTag, ProjectConfig, parse_label_config
 from labelassist.plugin.errors import ContextError, ImageReferenceError, LabelStudioAPIError
 from labelassist.workers.contract import (
+    MODEL_VERSION_KEY,
     QUEUE_INTERACTIVE,
     QUEUE_PREDICT,
     ImageSource,
@@ -54,7 +55,6 @@ from labelassist.workers.errors import ContractError, LabelassistError
 
 log = logging.getLogger(__name__)
 
-MODEL_VERSION_KEY = "labelassist:model_version"
 PROJECT_KEY = "labelassist:project:{project_id}"
 EVENTS_STREAM = "labelassist:events"
 EVENTS_MAXLEN = 1_000_000  # approximate cap on kept webhook events; the correction store keeps the rest

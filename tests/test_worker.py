@@ -130,3 +130,28 @@ def test_a_killed_workers_job_runs_again_on_another_worker(redis_proc, tmp_path)
         with running_worker(url, "--device", "cpu"):
             result = client.wait([job_id], RESULT_TIMEOUT_S)[job_id]
     assert result.ok and result.task_id == "30" and len(result.regions) > 0
+
+
+def test_status_shows_queues_and_the_worker_with_its_models(worker, image_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from labelassist.backend.cli import cli
+
+    url, _ = worker
+    client = _client(url)
+    client.wait([client.submit(_request(image_path, task_id=40))], RESULT_TIMEOUT_S)
+    out = CliRunner().invoke(cli, ["status", "--redis-url", url, "--json"])
+    assert out.exit_code == 0, out.output
+    snapshot = json.loads(out.output)
+    assert [q["name"] for q in snapshot["queues"]] == ["interactive", "predict", "bulk", "train"]
+    predict = next(q for q in snapshot["queues"] if q["name"] == "predict")
+    assert predict["finished"] >= 1 and predict["queued"] == 0
+    [w] = snapshot["workers"]
+    assert w["model_version"] == snapshot["model_version"] and w["random_weights"] and w["device"] == "cpu"
+    assert w["queues"] == ["interactive", "predict", "bulk"] and w["jobs_done"] >= 1
+    table = CliRunner().invoke(cli, ["status", "--redis-url", url])
+    assert table.exit_code == 0 and "RANDOM WEIGHTS" in table.output and "predict" in table.output
+    unreachable = CliRunner().invoke(cli, ["status", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert unreachable.exit_code != 0 and "cannot read the queue" in unreachable.output

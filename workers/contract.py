@@ -29,6 +29,10 @@ INFERENCE_QUEUES = (QUEUE_INTERACTIVE, QUEUE_PREDICT, QUEUE_BULK)
 # Job functions, enqueued by dotted path so the web process never imports them.
 PREDICT_JOB = "labelassist.workers.jobs.predict"
 
+# Redis keys workers write and the web tier reads.
+MODEL_VERSION_KEY = "labelassist:model_version"  # the version the workers serve
+WORKER_MODELS_KEY = "labelassist:worker:{name}:models"  # JSON provenance of one worker's models
+
 # Proposal defaults carry segment-anything's SamAutomaticMaskGenerator meaning and
 # values, so users can move their settings over unchanged.
 DEFAULT_POINTS_PER_SIDE = 32

@@ -12,16 +12,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labelassist.workers.contract import INFERENCE_QUEUES
+from labelassist.workers.contract import INFERENCE_QUEUES, MODEL_VERSION_KEY, WORKER_MODELS_KEY
 from labelassist.workers.pipeline import PipelineLimits
 
 log = logging.getLogger(__name__)
 
-MODEL_VERSION_KEY = "labelassist:model_version"  # read by the web tier
 # How often a worker looks for jobs whose worker died (RQ's default is 10 minutes).
 # Such a job is found once its heartbeat lapses (its timeout, at most 30 s, plus 60 s).
 MAINTENANCE_INTERVAL_S = 60
-WORKER_PROVENANCE_KEY = "labelassist:worker:{name}:models"
 ENV_PREFIX = "LABELASSIST_"
 
 
@@ -97,6 +95,6 @@ def run_worker(config: WorkerConfig, redis_url: str, queues=INFERENCE_QUEUES, bu
         name=name,
         maintenance_interval=MAINTENANCE_INTERVAL_S,
     )
-    connection.set(WORKER_PROVENANCE_KEY.format(name=worker.name), json.dumps(pipeline.models.provenance))
+    connection.set(WORKER_MODELS_KEY.format(name=worker.name), json.dumps(pipeline.models.provenance))
     log.info("worker %s serving %s on queues %s (pid %d)", worker.name, pipeline.version, ",".join(queues), os.getpid())
     worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
