@@ -132,3 +132,9 @@ def test_job_function_turns_a_bad_payload_into_a_failed_result(pipeline):
     jobs.install(pipeline)
     out = PredictResult.from_json(jobs.predict({"task_id": 9, "image": {"uri": "/x.png"}, "concepts": []}))
     assert out.task_id == "9" and out.error.code == "bad_request" and "at least one concept" in out.error.message
+
+
+def test_interactive_prompt_without_concepts_still_labels_the_region(pipeline, image_path):
+    req = _request(image_path, concepts=(), prompt=Prompt(box_xyxy_px=(20, 20, 120, 100)), prompt_label="cat")
+    result = pipeline.run(req)
+    assert result.ok and [r.label for r in result.regions] == ["cat"] and result.regions[0].embedding == ()

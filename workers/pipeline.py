@@ -18,9 +18,9 @@ import torch
 
 from labelassist.workers import geometry
 from labelassist.workers.contract import JobFailure, PredictRequest, PredictResult, Region
-from labelassist.workers.errors import LabelassistError, WeightsError
+from labelassist.workers.errors import ConceptError, LabelassistError, WeightsError
 from labelassist.workers.images import load_image
-from labelassist.workers.proposals import ImageEmbedding, ProposalGenerator, Proposals, SamEngine
+from labelassist.workers.proposals import ImageEmbedding, ProposalGenerator, Proposals, SamEngine, masks_to_boxes_xyxy
 from labelassist.workers.scoring import ConceptScorer
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,9 @@ class Pipeline:
         def embed(crop: np.ndarray, box: tuple) -> ImageEmbedding:
             return self.embeddings.get_or_compute((sha, box), lambda: self.engine.embed(crop))
 
+        chosen_label = request.prompt is not None and bool(request.prompt_label)
+        if not request.concepts and not chosen_label:
+            raise ConceptError("no concepts to look for: the labeling config must define at least one label")
         t = time.perf_counter()
         if request.prompt is not None:
             emb = embed(image, (0, 0, w, h))
@@ -117,31 +120,29 @@ class Pipeline:
             t = time.perf_counter()
             mask, iou = self.engine.predict_prompt(emb, request.prompt)
             masks = mask[None]
-            proposals = Proposals(masks, geometry_boxes(masks), torch.tensor([iou]), torch.tensor([1.0]), torch.zeros((1, 2)))
+            proposals = Proposals(masks, masks_to_boxes_xyxy(masks), torch.tensor([iou]), torch.tensor([1.0]), torch.zeros((1, 2)))
         else:
-            if not request.concepts:
-                from labelassist.workers.errors import ConceptError
-
-                raise ConceptError("no concepts to look for: the labeling config must define at least one label")
             proposals = self.generator.generate(image, request.proposals, embed=embed)
         timings["proposals_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        if request.prompt is not None and request.prompt_label:
-            labels = [request.prompt_label]
-            scores = np.array([float(proposals.predicted_iou[0])], np.float32)
-            margins = np.ones(1, np.float32)
-            scored = self.scorer.score(image, proposals.masks, proposals.boxes_xyxy_px, request.concepts, request.scoring) \
-                if request.concepts else None
-            embeddings = scored.embeddings if scored is not None else np.zeros((1, 0), np.float32)
-            label_scores = [dict(zip([c.name for c in request.concepts], scored.probs[0].tolist())) if scored else {}]
-            image_probs, present = (scored.image_probs, scored.present) if scored else ({}, ())
-        else:
+        n = len(proposals)
+        scored = None
+        if request.concepts:
             scored = self.scorer.score(image, proposals.masks, proposals.boxes_xyxy_px, request.concepts, request.scoring)
-            labels, scores, margins, embeddings = scored.labels, scored.scores, scored.margins, scored.embeddings
+        if chosen_label:
+            # The annotator picked the label; CLIP still embeds the region for the correction log.
+            labels = [request.prompt_label] * n
+            scores = proposals.predicted_iou.cpu().numpy().astype(np.float32)
+            margins = np.ones(n, np.float32)
+        else:
+            labels, scores, margins = scored.labels, scored.scores, scored.margins
+        if scored is not None:
             names = [c.name for c in request.concepts]
             label_scores = [dict(zip(names, row[: len(names)].tolist())) | {"background": float(row[-1])} for row in scored.probs]
-            image_probs, present = scored.image_probs, scored.present
+            embeddings, image_probs, present = scored.embeddings, scored.image_probs, scored.present
+        else:
+            label_scores, embeddings, image_probs, present = [{}] * n, np.zeros((n, 0), np.float32), {}, ()
         timings["scoring_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -201,8 +202,3 @@ class Pipeline:
             ))
         return regions
 
-
-def geometry_boxes(masks: torch.Tensor) -> torch.Tensor:
-    from labelassist.workers.proposals import masks_to_boxes_xyxy
-
-    return masks_to_boxes_xyxy(masks)
