@@ -22,7 +22,7 @@ from labelassist.backend.service import LabelStudioDelivery, Runtime
 from labelassist.backend.settings import Settings
 from labelassist.plugin.ls_client import LabelStudioClient
 
-from conftest import running_worker
+from processes import running_worker
 
 pytestmark = pytest.mark.slow
 

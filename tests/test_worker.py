@@ -17,7 +17,7 @@ from labelassist.workers.contract import (
     ScoringSettings,
 )
 
-from conftest import running_worker
+from processes import running_worker
 from scenes import synthetic_scene
 
 pytestmark = pytest.mark.slow

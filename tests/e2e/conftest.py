@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from processes import stop_process_group
 
 LS_VERSION = "1.23.2"
 LS_USER = "e2e@example.com"
@@ -131,20 +131,9 @@ def start_label_studio(venv: Path, data_dir: Path, files_root: Path, log_path: P
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
-            stop(proc)
+            stop_process_group(proc, 20)
             raise RuntimeError(f"Label Studio did not answer within {START_TIMEOUT_S} s:\n{ls.log_tail()}")
         time.sleep(1)
-
-
-def stop(proc: subprocess.Popen, timeout_s: float = 20) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def ensure_template(venv: Path, root: Path, tmp: Path) -> Path:
@@ -160,7 +149,7 @@ def ensure_template(venv: Path, root: Path, tmp: Path) -> Path:
         files = tmp / "template-files"
         files.mkdir()
         ls = start_label_studio(venv, template, files, tmp / "label-studio-first-start.log")
-        stop(ls.process)
+        stop_process_group(ls.process, 20)
         marker.touch()
     return template
 
@@ -177,4 +166,4 @@ def label_studio(tmp_path_factory) -> LabelStudio:
     files_root.mkdir()
     ls = start_label_studio(venv, data_dir, files_root, tmp / "label-studio.log")
     yield ls
-    stop(ls.process)
+    stop_process_group(ls.process, 20)

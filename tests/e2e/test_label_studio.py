@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from processes import stop_process_group
 from PIL import Image, ImageDraw
 from redis import Redis
 from redis.exceptions import RedisError
@@ -117,18 +117,9 @@ def start_serve(args: list[str], log_path: Path, auth: tuple[str, str] | None = 
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
-            stop_serve(proc)
+            stop_process_group(proc)
             raise AssertionError("no worker published its model version:\n" + log_path.read_text()[-4000:])
         time.sleep(1)
-
-
-def stop_serve(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def connect(ls, project: dict, backend_url: str, auth: tuple[str, str] | None = None) -> dict:
@@ -191,7 +182,7 @@ def backend(label_studio, tmp_path_factory):
         yield {"url": url, "version": health["model_version"], "log": log_path, "redis_url": redis_url,
                "data_dir": tmp / "data"}
     finally:
-        stop_serve(proc)
+        stop_process_group(proc)
     log_text = log_path.read_text()
     assert "RANDOM WEIGHTS" in log_text and "listening on" in log_text and "stopped" in log_text
     with pytest.raises(RedisError):  # the private Redis went with it
@@ -270,7 +261,7 @@ def test_late_predictions_arrive_through_the_follow_up(label_studio, backend, tm
         retrieve_predictions(ls, project["id"])  # nothing left to predict
         assert len(ls.api("GET", "/api/predictions/", params={"project": project["id"]}).json()) == len(project["task_ids"])
     finally:
-        stop_serve(proc)
+        stop_process_group(proc)
 
 
 def test_interactive_keypoint_returns_a_polygon(label_studio, project, backend, connected):
