@@ -92,7 +92,12 @@ def worker(queues: str | None, burst: bool, **options) -> None:
         raise click.UsageError(f"a worker needs the queue's Redis URL: --redis-url or {ENV_PREFIX}REDIS_URL")
     queues = queues or os.environ.get(ENV_PREFIX + "QUEUES")
     names = tuple(q.strip() for q in queues.split(",")) if queues else INFERENCE_QUEUES
-    run_worker(WorkerConfig.from_settings(settings), settings.redis_url, names, burst=burst)
+    from labelassist.workers.errors import LabelassistError
+
+    try:
+        run_worker(WorkerConfig.from_settings(settings), settings.redis_url, names, burst=burst)
+    except (LabelassistError, ValueError) as exc:  # missing weights, unknown model or device: say what to do
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
@@ -188,6 +193,77 @@ def rank(ls_url: str, token: str, project_id: int, model_version: str | None, in
             click.echo(json.dumps(task.to_json()))
     else:
         click.echo(format_ranking(ranked, version))
+
+
+@cli.command()
+@click.option("--ls-url", required=True, envvar=ENV_PREFIX + "LS_URL", help=f"Label Studio URL [env {ENV_PREFIX}LS_URL].")
+@click.option("--token", required=True, envvar=ENV_PREFIX + "LS_TOKEN",
+              help=f"Label Studio personal access token or legacy API key [env {ENV_PREFIX}LS_TOKEN].")
+@click.option("--project", "project_id", required=True, type=int, envvar=ENV_PREFIX + "PROJECT", help=f"Project id [env {ENV_PREFIX}PROJECT].")
+@setting_options("redis_url", "local_files_root", "allowed_image_hosts", "proposals", "scoring")
+@click.option("--filter", "task_filter", default=None, help="Only these task ids: ids and inclusive ranges, e.g. '1,4,10-20'.")
+@click.option("--replace", is_flag=True, help="Delete the selected tasks' predictions of other model versions (annotations are never touched).")
+@click.option("--max-retries", type=int, default=2, show_default=True,
+              help="Times a task is tried again after worker_failed, job_lost or image_unavailable.")
+@click.option("--limit", type=int, default=None, help="Pre-annotate at most N of the selected tasks this run.")
+@click.option("--batch-size", type=int, default=50, show_default=True, help="Predictions written to Label Studio per call.")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def bootstrap(ls_url: str, token: str, project_id: int, task_filter: str | None, replace: bool, max_retries: int,
+              limit: int | None, batch_size: int, no_progress: bool, as_json: bool, **options) -> None:
+    """Pre-annotate every task of a project that has no prediction of the workers' model version.
+
+    Jobs go to the bulk queue; run it again to resume (nothing is predicted or written twice).
+    Exits 0 even when some tasks fail (they are listed); non-zero when the run cannot proceed.
+    """
+    import json
+
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from labelassist.backend.bootstrap import Bootstrap, BootstrapError, format_summary, parse_task_filter
+    from labelassist.backend.queue import JobOptions, QueueClient
+    from labelassist.backend.service import Runtime
+    from labelassist.plugin.errors import LabelStudioAPIError
+    from labelassist.plugin.ls_client import LabelStudioClient
+
+    settings = build_settings(ls_url=ls_url, ls_token=token, **options)
+    if not settings.redis_url:
+        raise click.UsageError(f"bootstrap needs the queue's Redis URL: --redis-url or {ENV_PREFIX}REDIS_URL")
+    try:
+        connection = Redis.from_url(settings.redis_url, socket_timeout=30)
+        queue = QueueClient(connection, JobOptions(settings.job_timeout_s, settings.result_ttl_s, settings.failure_ttl_s))
+        client = LabelStudioClient(ls_url, token)
+        run = Bootstrap(Runtime.build(settings, queue), client, project_id, task_ids=parse_task_filter(task_filter),
+                        replace=replace, max_retries=max_retries, batch_size=batch_size, limit=limit, progress=not no_progress)
+        summary = run.run()
+    except (BootstrapError, LabelStudioAPIError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except RedisError as exc:
+        raise click.ClickException(f"cannot use the queue at {settings.redis_url}: {exc}") from None
+    click.echo(json.dumps(summary.to_json()) if as_json else format_summary(summary))
+
+
+@cli.command()
+@setting_options("redis_url")
+@click.argument("run_id")
+def cancel(run_id: str, **options) -> None:
+    """Cancel a bootstrap run: mark it cancelled (its process stops) and cancel its queued jobs."""
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from labelassist.backend.bootstrap import RunStore
+
+    settings = build_settings(**options)
+    if not settings.redis_url:
+        raise click.UsageError(f"cancel needs the queue's Redis URL: --redis-url or {ENV_PREFIX}REDIS_URL")
+    try:
+        cancelled = RunStore(Redis.from_url(settings.redis_url, socket_timeout=5)).cancel(run_id)
+    except RedisError as exc:
+        raise click.ClickException(f"cannot read the queue at {settings.redis_url}: {exc}") from None
+    if cancelled is None:
+        raise click.ClickException(f"no bootstrap run {run_id!r} (see `labelassist status`)")
+    click.echo(f"run {run_id} cancelled; {cancelled} queued jobs cancelled")
 
 
 @cli.group()

@@ -155,3 +155,18 @@ def test_status_shows_queues_and_the_worker_with_its_models(worker, image_path):
     assert table.exit_code == 0 and "RANDOM WEIGHTS" in table.output and "predict" in table.output
     unreachable = CliRunner().invoke(cli, ["status", "--redis-url", "redis://127.0.0.1:1/0"])
     assert unreachable.exit_code != 0 and "cannot read the queue" in unreachable.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sam-model", "vit_q"], "unknown SAM variant 'vit_q'"),
+    (["--sam-model", "tiny-random", "--sam-weights", "/nonexistent/sam.pth"], "/nonexistent/sam.pth"),
+    (["--device", "tpu"], "tpu"),
+], ids=["unknown-variant", "missing-weights", "bad-device"])
+def test_worker_start_errors_are_one_clear_line(args, message, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from labelassist.backend.cli import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = CliRunner().invoke(cli, ["worker", "--redis-url", "redis://127.0.0.1:1/0", "--cache-dir", str(tmp_path), *args])
+    assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
