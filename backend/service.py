@@ -284,9 +284,30 @@ class LabelassistModel:
 
     # -- internals ------------------------------------------------------------
 
-    def _job_settings(self) -> tuple[ProposalSettings, ScoringSettings]:
+    def task_requests(self, tasks: list[dict[str, Any]], version: str | None = None,
+                      link: ProjectLink | None = None) -> list[PredictRequest | LabelassistError]:
+        """Each task as the ``PredictRequest`` ``/predict`` submits for it, or the error that keeps it from one.
+
+        ``link`` defaults to what ``/setup`` stored for the project. Job settings
+        that break the contract raise ``RequestError`` for the whole batch.
+        """
+        version = version or self.model_version
+        link = link if link is not None else self.runtime.projects.get(self.project_id)
+        access, client = self._image_access(link), self.runtime.client(link)
+        proposals, scoring = self._job_settings(link)
+        out: list[PredictRequest | LabelassistError] = []
+        for task in tasks:
+            try:
+                image = self._resolve(task, access, client)
+                out.append(PredictRequest(task_id=str(task["id"]), image=image, concepts=self.config.concepts(),
+                                          model_version=version, proposals=proposals, scoring=scoring))
+            except (ImageReferenceError, ContractError, LabelStudioAPIError) as exc:
+                out.append(exc)
+        return out
+
+    def _job_settings(self, link: ProjectLink | None = None) -> tuple[ProposalSettings, ScoringSettings]:
         """Defaults <- serve settings <- the project's ``extra_params`` <- the config's control attributes."""
-        link = self.runtime.projects.get(self.project_id)
+        link = link if link is not None else self.runtime.projects.get(self.project_id)
         extra = link.extra_params if link else {}
         proposals = {**json_object_setting(self.runtime.settings, "proposals"), **_object(extra.get("proposals"), "extra_params.proposals")}
         scoring = {**json_object_setting(self.runtime.settings, "scoring"), **_object(extra.get("scoring"), "extra_params.scoring"),
@@ -315,19 +336,12 @@ class LabelassistModel:
 
         runtime = self.runtime
         version = self.model_version
-        link = runtime.projects.get(self.project_id)
-        access, client = self._image_access(link), runtime.client(link)
-        proposals, scoring = self._job_settings()
 
         items: list[Any] = [None] * len(tasks)
         jobs: dict[int, tuple[str, PredictRequest]] = {}
-        for i, task in enumerate(tasks):
-            try:
-                image = self._resolve(task, access, client)
-                request = PredictRequest(task_id=str(task["id"]), image=image, concepts=self.config.concepts(),
-                                         model_version=version, proposals=proposals, scoring=scoring)
-            except (ImageReferenceError, ContractError, LabelStudioAPIError) as exc:
-                log.warning("project %s task %s: no prediction: %s", self.project_id, task["id"], exc)
+        for i, (task, request) in enumerate(zip(tasks, self.task_requests(tasks, version))):
+            if not isinstance(request, PredictRequest):
+                log.warning("project %s task %s: no prediction: %s", self.project_id, task["id"], request)
                 items[i] = failed_prediction(version)
                 continue
             jobs[i] = (runtime.queue.submit(request, queue=QUEUE_PREDICT), request)

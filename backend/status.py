@@ -1,4 +1,4 @@
-"""What the queue is doing: queues and their depths, workers and what they run, pending pushes.
+"""What the queue is doing: queues and their depths, workers and what they run, pending pushes, bootstrap runs.
 
 Everything is read from the Redis the workers and web tiers share; nothing here
 imports torch or talks to Label Studio.
@@ -13,6 +13,7 @@ from redis import Redis
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
+from labelassist.backend.bootstrap import RunStore, format_runs
 from labelassist.backend.followup import PendingPushes
 from labelassist.workers.contract import INFERENCE_QUEUES, MODEL_VERSION_KEY, QUEUE_TRAIN, WORKER_MODELS_KEY
 
@@ -53,6 +54,7 @@ def collect_status(connection: Redis) -> dict[str, Any]:
         "queues": queues,
         "workers": sorted(workers, key=lambda w: w["name"]),
         "followup": PendingPushes(connection).counts(),
+        "runs": RunStore(connection).list(),
     }
 
 
@@ -69,4 +71,6 @@ def format_status(status: dict[str, Any]) -> str:
                      f"  done={w['jobs_done']} failed={w['jobs_failed']}")
     f = status["followup"]
     lines += ["", f"predictions waiting to be written to Label Studio: {f.get('pending', 0)} pending, {f.get('inflight', 0)} in flight"]
+    if "runs" in status:
+        lines += ["", format_runs(status["runs"])]
     return "\n".join(lines)
