@@ -15,7 +15,9 @@ this version, so none is written twice.
 Failures never fail the run: a task whose image cannot be resolved, whose job
 failed or which the worker could not read is recorded with its reason.
 ``worker_failed``, ``job_lost`` and ``image_unavailable`` are tried again up to
-``max_retries`` times; everything else (``bad_image``, a bad reference) is final.
+``max_retries`` times, the image reference resolved afresh (a personal access
+token's download header expires after 5 minutes, and bulk jobs may wait longer
+in the queue); everything else (``bad_image``, a bad reference) is final.
 A failed task gets no prediction, so the next run tries it again.
 
 Redis keys this module owns:
@@ -303,9 +305,13 @@ def project_link(runtime: Runtime, client, project_id: int) -> ProjectLink:
 
 @dataclass
 class _Entry:
-    task_id: int
+    task: dict[str, Any]
     request: PredictRequest
     attempts: int = 0
+
+    @property
+    def task_id(self) -> int:
+        return int(self.task["id"])
 
 
 class Bootstrap:
@@ -367,8 +373,8 @@ class Bootstrap:
             if self.replace:
                 summary.replaced = self._delete_other_versions(selected, version)
             pending = self._submit_all(selected, model, link, version, summary, bar)
-            self._follow(pending, model, version, summary, bar)
-        except LabelStudioAPIError as exc:
+            self._follow(pending, model, link, version, summary, bar)
+        except (LabelStudioAPIError, BootstrapError) as exc:
             summary.elapsed_s = time.monotonic() - started
             self.runs.update(run_id, summary)
             self.runs.finish(run_id, "failed", str(exc))
@@ -415,7 +421,7 @@ class Bootstrap:
                 task_id = int(task["id"])
                 if isinstance(request, PredictRequest):
                     job_id = self.queue.submit(request, queue=QUEUE_BULK)
-                    pending[job_id] = _Entry(task_id, request)
+                    pending[job_id] = _Entry(task, request)
                     job_ids.append(job_id)
                 else:
                     code = "bad_image" if isinstance(request, ImageReferenceError) else "image_unavailable"
@@ -424,7 +430,8 @@ class Bootstrap:
             self.runs.update(self.run_id, summary)
         return pending
 
-    def _follow(self, pending: dict[str, _Entry], model: LabelassistModel, version: str, summary: Summary, bar) -> None:
+    def _follow(self, pending: dict[str, _Entry], model: LabelassistModel, link: ProjectLink, version: str, summary: Summary,
+                bar) -> None:
         from labelassist.plugin.regions import prediction_from_result
 
         ready: list[tuple[int, dict[str, Any]]] = []
@@ -455,6 +462,10 @@ class Bootstrap:
                     entry.attempts += 1
                     summary.retried += 1
                     log.info("task %s: %s (%s); trying again (%d of %d)", entry.task_id, code, message, entry.attempts, self.max_retries)
+                    # Resolved again: download headers may carry an access token that expired in the queue.
+                    fresh = model.task_requests([entry.task], version, link)[0]
+                    if isinstance(fresh, PredictRequest):
+                        entry.request = fresh
                     _forget_job(self.queue.connection, job_id)
                     pending[self.queue.submit(entry.request, queue=QUEUE_BULK)] = entry
                     continue

@@ -14,6 +14,10 @@ failures with their reasons and get none.
 Random weights keep no region on their own: the job settings of
 tests/e2e/test_label_studio.py (``EXTRA_PARAMS``) are passed with
 ``--proposals``/``--scoring``.
+
+(Not named test_bootstrap.py: tests/test_bootstrap.py has that basename, and
+pytest's default import mode needs unique basenames in directories without
+``__init__.py``.)
 """
 
 from __future__ import annotations
