@@ -90,7 +90,9 @@ class QueueClient:
         if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
             if status == JobStatus.FAILED and job.retries_left:
                 return None  # RQ will run it again
-            reason = (job.exc_info or "").strip().splitlines()[-1:] or [str(status)]
+            latest = job.latest_result()
+            exc_string = getattr(latest, "exc_string", None) or ""
+            reason = exc_string.strip().splitlines()[-1:] or [str(status)]
             return _failure(job_id, "worker_failed", f"the worker could not process this task: {reason[0]}")
         return None
 

@@ -170,3 +170,12 @@ def test_worker_start_errors_are_one_clear_line(args, message, tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = CliRunner().invoke(cli, ["worker", "--redis-url", "redis://127.0.0.1:1/0", "--cache-dir", str(tmp_path), *args])
     assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
+
+
+def test_a_job_that_raises_is_reported_with_its_reason(worker):
+    url, proc = worker
+    # A job function that raises stands for an unexpected fault inside a worker.
+    job = Queue("predict", connection=Redis.from_url(url), serializer=JSONSerializer).enqueue("json.loads", "not json")
+    result = _client(url).wait([job.id], RESULT_TIMEOUT_S)[job.id]
+    assert result.error.code == "worker_failed" and "JSONDecodeError" in result.error.message
+    assert "Traceback" not in result.error.message and proc.poll() is None
