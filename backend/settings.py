@@ -12,6 +12,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from labelassist.workers.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from labelassist.workers.weights import default_cache_dir
+
 ENV_PREFIX = "LABELASSIST_"
 
 DEFAULT_HOST = "127.0.0.1"
@@ -23,8 +26,6 @@ DEFAULT_JOB_TIMEOUT_S = 600  # one image through the whole pipeline, worst case 
 DEFAULT_INTERACTIVE_TIMEOUT_S = 60
 DEFAULT_RESULT_TTL_S = 24 * 3600  # finished results stay this long, so a late reader still finds them
 DEFAULT_FAILURE_TTL_S = 7 * 24 * 3600
-DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # ~8000 x 8000; larger images are refused, not resized
 DEFAULT_EMBEDDING_CACHE_SIZE = 32  # SAM image embeddings kept per worker (LRU)
 DEFAULT_COMPILE_DECODER = "auto"  # on, off, or auto: on unless the models are tiny-random (start-up speed)
 DEFAULT_TORCH_THREADS = 0  # 0: leave torch's default
@@ -32,11 +33,6 @@ DEFAULT_INTERACTIVE_WAIT_S = 30.0  # how long an interactive /predict waits for 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024  # larger HTTP bodies get 413 (a /predict of ~10k tasks fits)
 DEFAULT_WEB_THREADS = 16  # request threads: /health must answer while /predict calls wait on jobs
 DEFAULT_PUSH_INTERVAL_S = 1.0  # how often the follow-up looks for finished jobs to push to Label Studio
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "labelassist"
 
 
 def default_data_dir() -> Path:

@@ -19,6 +19,8 @@ from labelassist.workers.errors import ImageDecodeError, ImageFetchError
 
 FETCH_TIMEOUT_S = (5.0, 60.0)  # (connect, read) for image downloads
 CHUNK_BYTES = 1 << 16
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # ~8000 x 8000; larger images are refused, not resized
 ALPHA_BACKGROUND_RGB = (255, 255, 255)  # transparent pixels are shown on white, as viewers do
 
 

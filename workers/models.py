@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import torch
 
 from labelassist.workers.weights import (
+    default_cache_dir,
     CLIP_PRETRAINED_OPTION,
     SAM_WEIGHTS_OPTION,
     ResolvedWeights,
@@ -581,12 +582,6 @@ def model_version(sam: str, sam_sha256: str, clip: str, clip_sha256: str) -> str
         return sha[:VERSION_HASH_CHARS]
 
     return f"{VERSION_PREFIX}-{sam}.{short(sam_sha256)}-{clip}.{short(clip_sha256)}"
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/labelassist`` (else ``~/.cache/labelassist``), the settings' default."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "labelassist"
 
 
 def _public_source(source: str | None) -> str | None:

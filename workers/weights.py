@@ -24,6 +24,12 @@ from urllib.parse import unquote, urlsplit
 
 from labelassist.workers.errors import WeightsError
 
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/labelassist`` (else ``~/.cache/labelassist``): downloaded weights live under it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "labelassist"
+
 if TYPE_CHECKING:
     import torch
 
