@@ -106,7 +106,7 @@ def create_app(settings: Settings, queue: QueueClient, runtime: Runtime | None =
         model = models.get(project_id, schema)  # raises UnsupportedConfigError for a config we cannot fill in
         hostname, token = body.get("hostname"), body.get("access_token")
         runtime.projects.save(ProjectLink(project_id, hostname if isinstance(hostname, str) and hostname else None,
-                                          token if isinstance(token, str) and token else None, extra))
+                                          token if isinstance(token, str) and token else None, extra, schema))
         log.info("project %s set up: %d control(s), labels %s", project_id, len(model.config.controls),
                  [c.name for c in model.config.concepts()])
         return jsonify(model_version=model.model_version)

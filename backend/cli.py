@@ -84,7 +84,7 @@ def worker(queues: str | None, burst: bool, **options) -> None:
     """Run a GPU worker: load the models once, keep them resident, serve jobs by priority."""
     import os
 
-    from labelassist.workers.contract import INFERENCE_QUEUES
+    from labelassist.workers.contract import INFERENCE_QUEUES, QUEUE_INTERACTIVE, QUEUE_TRAIN
     from labelassist.workers.worker import WorkerConfig, run_worker
 
     settings = build_settings(**options)
@@ -92,6 +92,9 @@ def worker(queues: str | None, burst: bool, **options) -> None:
         raise click.UsageError(f"a worker needs the queue's Redis URL: --redis-url or {ENV_PREFIX}REDIS_URL")
     queues = queues or os.environ.get(ENV_PREFIX + "QUEUES")
     names = tuple(q.strip() for q in queues.split(",")) if queues else INFERENCE_QUEUES
+    if QUEUE_TRAIN in names and QUEUE_INTERACTIVE in names:
+        raise click.UsageError(f"--queues: training never shares a worker with interactive inference; run "
+                               f"`--queues {QUEUE_TRAIN}` as a worker of its own")
     from labelassist.workers.errors import LabelassistError
 
     try:
@@ -316,6 +319,120 @@ def report(project: int | None, as_json: bool, plot_path: str | None, **options)
             log.info("plot written to %s", plot_path)
         else:
             log.warning("matplotlib is not installed: no plot written (pip install matplotlib)")
+
+
+@cli.command()
+@setting_options("redis_url", "corrections_url", "data_dir", "ls_url", "ls_token")
+@click.option("--project", "project_id", required=True, type=int, envvar=ENV_PREFIX + "PROJECT", help=f"Label Studio project id [env {ENV_PREFIX}PROJECT].")
+@click.option("--list", "list_heads", is_flag=True, help="List the project's concept heads instead of training.")
+@click.option("--restore", is_flag=True, help="Go back to the head (or zero-shot) that was active before the current one.")
+@click.option("--activate", "activate_id", default=None, metavar="HEAD",
+              help="Make this head the project's active one ('zero-shot': none).")
+@click.option("--no-activate", is_flag=True, help="Train and keep the head, but leave the active one as it is.")
+@click.option("--l2", type=float, default=None, help="Pull of the head towards zero-shot (default 1e-3; larger: closer).")
+@click.option("--target-precision", type=float, default=None,
+              help="Share of right labels the calibrated per-label thresholds aim at (default 0.9).")
+@click.option("--wait", "wait_s", default=3600.0, show_default=True, type=float, envvar=ENV_PREFIX + "TRAIN_WAIT_S",
+              help=f"Seconds to wait for the training job; 0: submit and return [env {ENV_PREFIX}TRAIN_WAIT_S].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def train(project_id: int, list_heads: bool, restore: bool, activate_id: str | None, no_activate: bool, l2: float | None,
+          target_precision: float | None, wait_s: float, as_json: bool, **options) -> None:
+    """Train a project's concept head on its correction log, on the train queue; or list, restore, activate heads.
+
+    A new head becomes the project's model version (<base>+<head>): the workers
+    use it from their next job, and Label Studio is told the new version when
+    --ls-url and --token are given.
+    """
+    import json as json_module
+
+    from redis.exceptions import RedisError
+
+    from labelassist.backend.training import TrainingError, announce_version, head_listing, start_training, wait_training
+    from labelassist.workers.heads import ZERO_SHOT, HeadError, HeadStore, versioned
+
+    settings = build_settings(**options)
+    if not settings.redis_url:
+        raise click.UsageError(f"training runs on the queue's workers: --redis-url or {ENV_PREFIX}REDIS_URL")
+    if sum([list_heads, restore, activate_id is not None]) > 1:
+        raise click.UsageError("--list, --restore and --activate: give one at most")
+    runtime = _runtime(settings)
+    heads = HeadStore(runtime.queue.connection)
+
+    def announce(head_id: str | None) -> str:
+        base = runtime.versions.published() or ""
+        version = versioned(base, head_id)
+        client = runtime.client(None)
+        if client is not None and base:
+            announce_version(client, project_id, version)
+        return version
+
+    try:
+        if list_heads:
+            rows = head_listing(runtime.queue.connection, project_id)
+            click.echo(json_module.dumps(rows, indent=2) if as_json else _format_heads(rows))
+            return
+        if restore or activate_id is not None:
+            if restore:
+                head_id = heads.restore(project_id)
+            else:
+                head_id = None if activate_id in ("zero-shot", ZERO_SHOT) else activate_id
+                heads.activate(project_id, head_id)
+            click.echo(f"project {project_id}: {head_id or 'zero-shot'} is active; model version {announce(head_id)}")
+            return
+        training_options = {k: v for k, v in (("l2", l2), ("target_precision", target_precision)) if v is not None}
+        from labelassist.backend.store import open_settings_store
+
+        with open_settings_store(settings) as store:
+            submitted = start_training(runtime, store, project_id, options=training_options, activate=not no_activate)
+        log.info("project %s: training job %s queued on %d examples %s", project_id, submitted.job_id,
+                 submitted.examples["examples"], submitted.examples["per_label"])
+        if wait_s <= 0:
+            click.echo(submitted.job_id)
+            return
+        result = wait_training(runtime.queue, submitted.job_id, wait_s)
+        if result.get("activated"):
+            announce(result["head"])
+    except (TrainingError, HeadError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except RedisError as exc:
+        raise click.ClickException(f"cannot reach the queue at {settings.redis_url}: {exc}") from None
+    if as_json:
+        click.echo(json_module.dumps(result, indent=2))
+        return
+    report = result["report"]
+    zero_shot, trained = report["label_accuracy_zero_shot"], report["label_accuracy_out_of_fold"]
+    click.echo(f"project {project_id}: head {result['head']} on {report['examples']} regions "
+               f"({report['background_examples']} deleted); label accuracy zero-shot {zero_shot:.2f}, "
+               f"head {'n/a' if trained is None else f'{trained:.2f}'} ({report['folds']}-fold)")
+    for name, entry in report["labels"].items():
+        threshold = entry.get("threshold")
+        click.echo(f"  {name:<24} {entry['examples']:>6} examples  threshold {'default' if threshold is None else f'{threshold:.2f}'}")
+    click.echo(f"model version {result['model_version']}" + (" (active)" if result.get("activated") else " (not activated)"))
+
+
+def _runtime(settings):
+    from redis import Redis
+
+    from labelassist.backend.queue import JobOptions, QueueClient
+    from labelassist.backend.service import Runtime
+
+    connection = Redis.from_url(settings.redis_url, socket_timeout=10)
+    return Runtime.build(settings, QueueClient(connection, JobOptions(settings.job_timeout_s, settings.result_ttl_s, settings.failure_ttl_s)))
+
+
+def _format_heads(rows: list[dict]) -> str:
+    import datetime as dt
+
+    if not rows:
+        return "no concept heads yet (zero-shot); train one with `labelassist train --project ID`"
+    lines = [f"  {'head':<14} {'created (UTC)':<20} {'examples':>8} {'zero-shot':>9} {'head':>6}  active"]
+    for r in rows:
+        rep = r.get("report") or {}
+        created = dt.datetime.fromtimestamp(r["created_at"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        oof = rep.get("label_accuracy_out_of_fold")
+        lines.append(f"  {r['id']:<14} {created:<20} {rep.get('examples', 0):>8} {rep.get('label_accuracy_zero_shot', 0):>9.2f} "
+                     f"{'n/a' if oof is None else f'{oof:.2f}':>6}  {'*' if r['active'] else ''}")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from labelassist.backend.settings import ENV_PREFIX, Settings
+from labelassist.workers.contract import INFERENCE_QUEUES, QUEUE_TRAIN
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +123,16 @@ class EmbeddedRedis:
 class WorkerProcess:
     """One ``labelassist worker`` subprocess, restarted with backoff when it exits."""
 
-    def __init__(self, settings: Settings, redis_url: str):
+    def __init__(self, settings: Settings, redis_url: str, queues: tuple[str, ...] = INFERENCE_QUEUES):
         self.settings = settings
         self.redis_url = redis_url
+        self.queues = tuple(queues)
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
         self._next_start_at = 0.0
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "labelassist.backend.cli", "worker", "--redis-url", self.redis_url]
+        return [sys.executable, "-m", "labelassist.backend.cli", "worker", "--redis-url", self.redis_url, "--queues", ",".join(self.queues)]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -142,7 +144,7 @@ class WorkerProcess:
 
     def start(self) -> None:
         self._proc = subprocess.Popen(self.command(), env=self.environment(), start_new_session=True)
-        log.info("worker started (pid %d, models %s)", self._proc.pid, self.settings.models)
+        log.info("worker started (pid %d, models %s, queues %s)", self._proc.pid, self.settings.models, ",".join(self.queues))
 
     def check(self) -> None:
         """Restart the worker if it exited, after a backoff."""
@@ -180,10 +182,11 @@ def serve(settings: Settings) -> None:
     from labelassist.backend.service import LabelStudioDelivery, Runtime
 
     from labelassist.backend.events import CorrectionProcessor, EventSink
+    from labelassist.backend.hooks import event_hooks
     from labelassist.backend.store import open_settings_store
 
     redis: EmbeddedRedis | None = None
-    worker: WorkerProcess | None = None
+    workers: list[WorkerProcess] = []
     pusher: Pusher | None = None
     store = sink = None
     server = None
@@ -194,13 +197,15 @@ def serve(settings: Settings) -> None:
         if not redis_url:
             redis = EmbeddedRedis(settings.cache_dir)
             redis_url = redis.start()
-            worker = WorkerProcess(settings, redis_url)
-            worker.start()
+            # Training never shares a worker with inference: a second process serves the train queue.
+            workers = [WorkerProcess(settings, redis_url), WorkerProcess(settings, redis_url, (QUEUE_TRAIN,))]
+            for worker in workers:
+                worker.start()
         connection = Redis.from_url(redis_url)
         queue = QueueClient(connection, JobOptions(settings.job_timeout_s, settings.result_ttl_s, settings.failure_ttl_s))
         runtime = Runtime.build(settings, queue)
         store = open_settings_store(settings)
-        sink = EventSink(store, CorrectionProcessor(store, runtime.fetch_prediction)).start()
+        sink = EventSink(store, CorrectionProcessor(store, runtime.fetch_prediction, hooks=event_hooks(runtime, store))).start()
         app = create_app(settings, queue, runtime, events=sink)
         pusher = Pusher(runtime.pushes, queue, LabelStudioDelivery(runtime), settings.push_interval_s)
         pusher.start()
@@ -209,7 +214,7 @@ def serve(settings: Settings) -> None:
                                # above Flask's own limit, so an oversized body gets its JSON 413
                                max_request_body_size=settings.max_request_bytes + WAITRESS_BODY_SLACK_BYTES)
         _log_banner(settings, server.effective_host, server.effective_port, redis_url, redis is not None, runtime)
-        threading.Thread(target=_supervise, args=(stop, redis, worker, runtime), name="labelassist-supervisor", daemon=True).start()
+        threading.Thread(target=_supervise, args=(stop, redis, workers, runtime), name="labelassist-supervisor", daemon=True).start()
         server.run()
     except SystemExit as exc:
         if exc.code not in (None, 0):
@@ -227,7 +232,7 @@ def serve(settings: Settings) -> None:
             sink.stop()
         if store is not None:
             store.close()
-        if worker is not None:
+        for worker in workers:
             worker.stop()
         if redis is not None:
             redis.stop()
@@ -238,14 +243,14 @@ def _raise_exit(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def _supervise(stop: threading.Event, redis: EmbeddedRedis | None, worker: WorkerProcess | None, runtime) -> None:
+def _supervise(stop: threading.Event, redis: EmbeddedRedis | None, workers: list[WorkerProcess], runtime) -> None:
     announced = None
     while not stop.wait(SUPERVISE_INTERVAL_S):
         if redis is not None and not redis.alive():
             log.error("the private Redis exited; stopping")
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        if worker is not None:
+        for worker in workers:
             worker.check()
         published = runtime.versions.published()
         if published and published != announced:
@@ -255,7 +260,7 @@ def _supervise(stop: threading.Event, redis: EmbeddedRedis | None, worker: Worke
 
 def _log_banner(settings: Settings, host: str, port: int, redis_url: str, embedded: bool, runtime) -> None:
     log.info("labelassist listening on http://%s:%s (%d threads)", host, port, settings.web_threads)
-    log.info("queue: %s%s", _redact(redis_url), " (private, with one worker)" if embedded else "")
+    log.info("queue: %s%s", _redact(redis_url), " (private, with an inference worker and a training worker)" if embedded else "")
     log.info("corrections: %s", _redact(settings.corrections_url) if settings.corrections_url else
              f"SQLite in {settings.data_dir}")
     log.info("models: %s; model version %s until the workers publish theirs", settings.models, runtime.versions.current())

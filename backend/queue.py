@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 from redis import Redis
 from rq import Queue, Retry
@@ -25,6 +25,12 @@ from labelassist.workers.contract import (
     PredictResult,
 )
 
+JOB_QUEUED = "queued"
+JOB_RUNNING = "running"
+JOB_FINISHED = "finished"
+JOB_FAILED = "failed"
+JOB_MISSING = "missing"
+
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.02  # how often wait() looks at job states
@@ -32,6 +38,16 @@ JOB_RETRIES = 2  # a job whose worker died or raised is run again this many time
 # No delay between tries: a delayed retry waits for RQ's scheduler, and a job whose
 # worker was killed should run again as soon as another worker is free. Retries go
 # to the front of the queue: their task has already waited once.
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """Where a job stands: ``status`` is one of the JOB_* names; ``value`` its return value when finished,
+    ``error`` the last line of its failure when failed."""
+
+    status: str
+    value: Any = None
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,11 @@ class QueueClient:
 
     def submit(self, request: PredictRequest, queue: str = QUEUE_PREDICT, timeout_s: int | None = None) -> str:
         """Enqueue ``request`` unless a live or finished job with its id exists; return the job id."""
-        job_id = request.job_id()
+        return self.enqueue(PREDICT_JOB, request.to_json(), request.job_id(), queue, timeout_s, f"task {request.task_id}")
+
+    def enqueue(self, function: str, payload: dict[str, Any], job_id: str, queue: str, timeout_s: int | None = None,
+                description: str = "", retries: int = JOB_RETRIES) -> str:
+        """Enqueue ``function(payload)`` as ``job_id`` unless a live or finished job with that id exists."""
         existing = self._fetch(job_id)
         if existing is not None:
             status = existing.get_status(refresh=False)
@@ -64,16 +84,30 @@ class QueueClient:
                 return job_id
             existing.delete()
         self.queue(queue).enqueue(
-            PREDICT_JOB,
-            request.to_json(),
+            function,
+            payload,
             job_id=job_id,
             job_timeout=timeout_s or self.options.timeout_s,
             result_ttl=self.options.result_ttl_s,
             failure_ttl=self.options.failure_ttl_s,
-            retry=Retry(max=JOB_RETRIES, enqueue_at_front=True),
-            description=f"task {request.task_id}",
+            retry=Retry(max=retries, enqueue_at_front=True) if retries else None,
+            description=description or job_id,
         )
         return job_id
+
+    def outcome(self, job_id: str) -> JobOutcome:
+        """Any job's state and, when done, its return value or failure reason."""
+        job = self._fetch(job_id)
+        if job is None:
+            return JobOutcome(JOB_MISSING, error="the job is unknown to the queue (expired or deleted)")
+        status = job.get_status(refresh=False)
+        if status == JobStatus.FINISHED:
+            return JobOutcome(JOB_FINISHED, value=job.return_value(refresh=False))
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+            if status == JobStatus.FAILED and job.retries_left:
+                return JobOutcome(JOB_QUEUED)  # RQ will run it again
+            return JobOutcome(JOB_FAILED, error=_failure_reason(job, status))
+        return JobOutcome(JOB_RUNNING if status == JobStatus.STARTED else JOB_QUEUED)
 
     def result(self, job_id: str) -> PredictResult | None:
         """The job's result; None while it is queued or running.
@@ -90,10 +124,7 @@ class QueueClient:
         if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
             if status == JobStatus.FAILED and job.retries_left:
                 return None  # RQ will run it again
-            latest = job.latest_result()
-            exc_string = getattr(latest, "exc_string", None) or ""
-            reason = exc_string.strip().splitlines()[-1:] or [str(status)]
-            return _failure(job_id, "worker_failed", f"the worker could not process this task: {reason[0]}")
+            return _failure(job_id, "worker_failed", f"the worker could not process this task: {_failure_reason(job, status)}")
         return None
 
     def wait(self, job_ids: Iterable[str], timeout_s: float) -> dict[str, PredictResult]:
@@ -117,6 +148,14 @@ class QueueClient:
             return Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
         except NoSuchJobError:
             return None
+
+
+def _failure_reason(job: Job, status) -> str:
+    """The last line of the job's latest exception (``ModuleError: why``), else its status."""
+    latest = job.latest_result()
+    exc_string = getattr(latest, "exc_string", None) or ""
+    lines = exc_string.strip().splitlines()
+    return lines[-1] if lines else str(status)
 
 
 def _failure(job_id: str, code: str, message: str) -> PredictResult:

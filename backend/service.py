@@ -52,6 +52,7 @@ from labelassist.workers.contract import (
     ScoringSettings,
 )
 from labelassist.workers.errors import ContractError, LabelassistError
+from labelassist.workers.heads import HeadStore, split_version, versioned
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,15 @@ def fallback_model_version(settings: Settings) -> str:
 
 
 class VersionSource:
-    """The model version: the workers' published one, else ``fallback_model_version``."""
+    """The model version: the workers' published one, else ``fallback_model_version``; per project,
+    with the project's active concept head appended (``labelassist.workers.heads``)."""
 
     def __init__(self, connection: Redis, settings: Settings):
         self.connection = connection
         self.fallback = fallback_model_version(settings)
+        self.heads = HeadStore(connection)
         self._cached: tuple[float, str | None] = (0.0, None)
+        self._active: dict[int, tuple[float, tuple[str, str] | None]] = {}
         self._lock = threading.Lock()
 
     def published(self) -> str | None:
@@ -119,6 +123,30 @@ class VersionSource:
     def current(self) -> str:
         return self.published() or self.fallback
 
+    def for_project(self, project_id: int) -> str:
+        """The project's model version: the base, plus its active head when that head was trained on these models."""
+        base = self.current()
+        now = time.monotonic()
+        with self._lock:
+            at, active = self._active.get(project_id, (0.0, None))
+            fresh = now - at < VERSION_CACHE_S
+        if not fresh:
+            try:
+                active = self.heads.active(project_id)
+            except RedisError as exc:
+                log.warning("cannot read project %s's concept head: %s", project_id, exc)
+                return base
+            with self._lock:
+                self._active[project_id] = (now, active)
+        if active is None:
+            return base
+        head_id, head_base = active
+        if head_base != base:
+            log.warning("project %s: concept head %s was trained for models %s, the workers serve %s; "
+                        "predicting zero-shot until it is trained again", project_id, head_id, head_base, base)
+            return base
+        return versioned(base, head_id)
+
 
 @dataclass(frozen=True)
 class ProjectLink:
@@ -128,13 +156,16 @@ class ProjectLink:
     hostname: str | None = None
     access_token: str | None = None
     extra_params: dict[str, Any] = field(default_factory=dict)
+    label_config: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"project_id": self.project_id, "hostname": self.hostname, "access_token": self.access_token, "extra_params": self.extra_params}
+        return {"project_id": self.project_id, "hostname": self.hostname, "access_token": self.access_token,
+                "extra_params": self.extra_params, "label_config": self.label_config}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProjectLink:
-        return cls(int(data["project_id"]), data.get("hostname"), data.get("access_token"), dict(data.get("extra_params") or {}))
+        return cls(int(data["project_id"]), data.get("hostname"), data.get("access_token"), dict(data.get("extra_params") or {}),
+                   data.get("label_config"))
 
 
 class ProjectStore:
@@ -269,7 +300,8 @@ class LabelassistModel:
 
     @property
     def model_version(self) -> str:
-        return self.runtime.versions.current()
+        """This project's version: the workers' models, plus the project's concept head once trained."""
+        return self.runtime.versions.for_project(self.project_id)
 
     # -- the protocol -------------------------------------------------------
 
@@ -292,6 +324,7 @@ class LabelassistModel:
         that break the contract raise ``RequestError`` for the whole batch.
         """
         version = version or self.model_version
+        head = split_version(version)[1] or ""
         link = link if link is not None else self.runtime.projects.get(self.project_id)
         access, client = self._image_access(link), self.runtime.client(link)
         proposals, scoring = self._job_settings(link)
@@ -300,7 +333,7 @@ class LabelassistModel:
             try:
                 image = self._resolve(task, access, client)
                 out.append(PredictRequest(task_id=str(task["id"]), image=image, concepts=self.config.concepts(),
-                                          model_version=version, proposals=proposals, scoring=scoring))
+                                          model_version=version, proposals=proposals, scoring=scoring, head=head))
             except (ImageReferenceError, ContractError, LabelStudioAPIError) as exc:
                 out.append(exc)
         return out
@@ -396,7 +429,7 @@ class LabelassistModel:
         try:
             image = self._resolve_for_control(task, control, link)
             request = PredictRequest(task_id=str(task["id"]), image=image, concepts=self.config.concepts(), model_version=version,
-                                     prompt=prompt, prompt_label=label)
+                                     prompt=prompt, prompt_label=label, head=split_version(version)[1] or "")
         except (ImageReferenceError, ContractError, LabelStudioAPIError) as exc:
             log.warning("project %s task %s: interactive prompt not run: %s", self.project_id, task["id"], exc)
             return empty

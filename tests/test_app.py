@@ -106,7 +106,7 @@ def test_setup_stores_the_project_link(make_client):
     assert r.status_code == 200 and "model_version" in r.get_json()
     stored = json.loads(connection.get(PROJECT_KEY.format(project_id=7)))
     assert stored == {"project_id": 7, "hostname": LS_URL, "access_token": "legacy-token-123",
-                      "extra_params": {"scoring": {"min_margin": 0.0}}}
+                      "extra_params": {"scoring": {"min_margin": 0.0}}, "label_config": setup_body()["schema"]}
 
 
 @pytest.mark.parametrize("body, status, fragment", [

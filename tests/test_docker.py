@@ -126,11 +126,18 @@ def worker_extra_pins() -> dict[str, str]:
 def test_compose_file_validates_and_has_the_services():
     config = compose_config()
     services = config["services"]
-    assert set(services) == {"redis", "backend", "worker", "label-studio"}
+    assert set(services) == {"redis", "backend", "worker", "trainer", "label-studio"}
     # Label Studio only with its profile; the rest always.
     assert services["label-studio"].get("profiles") == ["label-studio"]
-    for name in ("redis", "backend", "worker"):
+    for name in ("redis", "backend", "worker", "trainer"):
         assert not services[name].get("profiles"), name
+    # The trainer serves only the train queue, with the workers' image and models.
+    trainer, worker = services["trainer"], services["worker"]
+    assert trainer["environment"]["LABELASSIST_QUEUES"] == "train"
+    assert "train" not in worker["environment"]["LABELASSIST_QUEUES"].split(",")
+    assert trainer["image"] == worker["image"]
+    assert {k: v for k, v in trainer["environment"].items() if k != "LABELASSIST_QUEUES"} == \
+        {k: v for k, v in worker["environment"].items() if k != "LABELASSIST_QUEUES"}
 
 
 def test_compose_redis_keeps_its_data():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -28,10 +29,14 @@ INFERENCE_QUEUES = (QUEUE_INTERACTIVE, QUEUE_PREDICT, QUEUE_BULK)
 
 # Job functions, enqueued by dotted path so the web process never imports them.
 PREDICT_JOB = "labelassist.workers.jobs.predict"
+TRAIN_JOB = "labelassist.workers.jobs.train_head"
 
 # Redis keys workers write and the web tier reads.
 MODEL_VERSION_KEY = "labelassist:model_version"  # the version the workers serve
 WORKER_MODELS_KEY = "labelassist:worker:{name}:models"  # JSON provenance of one worker's models
+
+# A trained concept head's id (see ``labelassist.workers.heads``): "h" + 12 hex digits.
+HEAD_ID_PATTERN = re.compile(r"^h[0-9a-f]{12}$")
 
 # Proposal defaults carry segment-anything's SamAutomaticMaskGenerator meaning and
 # values, so users can move their settings over unchanged.
@@ -266,6 +271,8 @@ class PredictRequest:
     prompt: Prompt | None = None
     # Interactive: the label the user picked; the region gets it without CLIP deciding.
     prompt_label: str | None = None
+    # The project's trained concept head to label regions with; "" for zero-shot CLIP.
+    head: str = ""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.task_id, (str, int)) and not isinstance(self.task_id, bool) and str(self.task_id) != "",
@@ -280,6 +287,8 @@ class PredictRequest:
             _require(len(concepts) > 0, "concepts: expected at least one concept to look for, got none")
         object.__setattr__(self, "concepts", concepts)
         _require(isinstance(self.model_version, str), f"model_version: expected a string, got {self.model_version!r}")
+        _require(self.head == "" or (isinstance(self.head, str) and HEAD_ID_PATTERN.match(self.head) is not None),
+                 f"head: expected a concept head id like 'h0123456789ab' or \"\", got {self.head!r}")
 
     def job_id(self) -> str:
         """Deterministic id: same task, image and model version -> same job (idempotent re-submission)."""

@@ -44,3 +44,9 @@ class ConceptError(LabelassistError, ValueError):
 
 class WeightsError(LabelassistError):
     code = "weights_unavailable"
+
+
+class TrainingError(LabelassistError):
+    """Training a concept head cannot start, or did not finish; the message says why and what to do."""
+
+    code = "training"

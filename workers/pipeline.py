@@ -19,6 +19,7 @@ import torch
 from labelassist.workers import geometry
 from labelassist.workers.contract import JobFailure, PredictRequest, PredictResult, Region
 from labelassist.workers.errors import ConceptError, LabelassistError, WeightsError
+from labelassist.workers.heads import ConceptHead, HeadError, versioned
 from labelassist.workers.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, load_image
 from labelassist.workers.proposals import ImageEmbedding, ProposalGenerator, Proposals, SamEngine, masks_to_boxes_xyxy
 from labelassist.workers.scoring import ConceptScorer
@@ -87,18 +88,25 @@ class Pipeline:
     def version(self) -> str:
         return self.models.version
 
-    def run(self, request: PredictRequest) -> PredictResult:
-        """Run one request; input problems come back as ``result.error``."""
+    def run(self, request: PredictRequest, head: ConceptHead | None = None) -> PredictResult:
+        """Run one request, labelling regions with ``head`` (a trained concept head) when given, else zero-shot.
+
+        Input problems come back as ``result.error``.
+        """
+        version = versioned(self.version, head.id if head is not None else None)
         try:
-            return self._run(request)
+            if head is not None and head.base_version != self.version:
+                raise HeadError(f"concept head {head.id} was trained for models {head.base_version}, this worker serves "
+                                f"{self.version}; train the project again on these models")
+            return self._run(request, head, version)
         except WeightsError:
             raise
         except LabelassistError as exc:
             log.warning("task %s: %s", request.task_id, exc)
-            return PredictResult(task_id=request.task_id, model_version=self.version,
+            return PredictResult(task_id=request.task_id, model_version=version,
                                  error=JobFailure(exc.code, str(exc)), provenance=self.models.provenance)
 
-    def _run(self, request: PredictRequest) -> PredictResult:
+    def _run(self, request: PredictRequest, head: ConceptHead | None, version: str) -> PredictResult:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         image, sha = load_image(request.image, self.limits.max_image_bytes, self.limits.max_image_pixels)
@@ -127,7 +135,7 @@ class Pipeline:
         n = len(proposals)
         scored = None
         if request.concepts:
-            scored = self.scorer.score(image, proposals.masks, proposals.boxes_xyxy_px, request.concepts, request.scoring)
+            scored = self.scorer.score(image, proposals.masks, proposals.boxes_xyxy_px, request.concepts, request.scoring, head)
         if chosen_label:
             # The annotator picked the label; CLIP still embeds the region for the correction log.
             labels = [request.prompt_label] * n
@@ -145,7 +153,8 @@ class Pipeline:
 
         t = time.perf_counter()
         keep = [i for i, label in enumerate(labels) if label or request.scoring.keep_unlabeled]
-        regions = self._regions(request, sha, image.shape[:2], proposals, keep, labels, scores, margins, embeddings, label_scores)
+        regions = self._regions(request, sha, image.shape[:2], proposals, keep, labels, scores, margins, embeddings, label_scores,
+                                version)
         timings["geometry_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
 
@@ -160,11 +169,14 @@ class Pipeline:
                         "background_prompts": list(request.scoring.background_prompts)},
             "concept_prompts": {c.name: list(c.prompts) for c in request.concepts},
             "embedding_cache": {"hits": self.embeddings.hits, "misses": self.embeddings.misses},
+            "concept_head": ({"id": head.id, "labels": list(head.labels), "thresholds": head.thresholds}
+                             if head is not None else None),
         })
-        return PredictResult(task_id=request.task_id, model_version=self.version, image_sha256=sha, size_wh=(w, h),
+        return PredictResult(task_id=request.task_id, model_version=version, image_sha256=sha, size_wh=(w, h),
                              regions=tuple(regions), score=certainty, timings_s=timings, provenance=provenance)
 
-    def _regions(self, request, sha, size_hw, proposals, keep, labels, scores, margins, embeddings, label_scores) -> list[Region]:
+    def _regions(self, request, sha, size_hw, proposals, keep, labels, scores, margins, embeddings, label_scores,
+                 version) -> list[Region]:
         if not keep:
             return []
         h, w = size_hw
@@ -182,7 +194,7 @@ class Pipeline:
                                                  measure_iou=False)
             if not polys:
                 continue
-            region_id = hashlib.sha256(f"{request.task_id}|{sha}|{self.version}|{i}".encode()).hexdigest()[:REGION_ID_CHARS]
+            region_id = hashlib.sha256(f"{request.task_id}|{sha}|{version}|{i}".encode()).hexdigest()[:REGION_ID_CHARS]
             regions.append(Region(
                 id=region_id,
                 label=labels[i],

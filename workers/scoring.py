@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from labelassist.workers.contract import Concept, ScoringSettings
 from labelassist.workers.errors import ConceptError
+from labelassist.workers.heads import ConceptHead, HeadError
 
 # Averaged per label; the ensemble is more robust than the bare label name.
 PROMPT_TEMPLATES = (
@@ -154,9 +155,39 @@ class ConceptScorer:
         with self._autocast():
             return F.normalize(self.clip.model.encode_image(x).float(), dim=-1)
 
+    def classifier(self, bank: TextBank, head: ConceptHead | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region classifier rows for ``bank``'s concepts then background: (K + 1, D) weights, (K + 1,) bias.
+
+        Zero-shot, a row is the concept's text embedding times CLIP's logit scale.
+        A trained ``head`` supplies the rows of the labels it knows and the
+        background row; the others stay zero-shot. Without any background (no
+        prompts, no head) the background bias is -inf: it never wins.
+        """
+        k, dim = len(bank.names), bank.embeddings.shape[1]
+        weights = self.logit_scale * bank.embeddings[:k]
+        background = self.logit_scale * bank.embeddings[k:k + 1]
+        bias = torch.zeros(k + 1, device=self.device)
+        if head is None:
+            if background.shape[0] == 0:
+                background = torch.zeros((1, dim), device=self.device)
+                bias[k] = float("-inf")
+            return torch.cat([weights, background]), bias
+        if head.dim != dim:
+            raise HeadError(f"concept head {head.id} expects {head.dim}-d CLIP embeddings, these models make {dim}-d ones")
+        rows = torch.as_tensor(head.weights, device=self.device)
+        head_bias = torch.as_tensor(head.bias, device=self.device)
+        index = {name: i for i, name in enumerate(head.labels)}
+        weights = weights.clone()
+        for j, name in enumerate(bank.names):
+            if name in index:
+                weights[j] = rows[index[name]]
+                bias[j] = head_bias[index[name]]
+        bias[k] = head_bias[-1]
+        return torch.cat([weights, rows[-1:]]), bias
+
     def score(self, image_rgb: np.ndarray, masks: torch.Tensor, boxes_xyxy: torch.Tensor,
-              concepts: tuple[Concept, ...], settings: ScoringSettings) -> RegionScores:
-        """Assign a concept (or none) to every mask of one image."""
+              concepts: tuple[Concept, ...], settings: ScoringSettings, head: ConceptHead | None = None) -> RegionScores:
+        """Assign a concept (or none) to every mask of one image; ``head``: a trained classifier to use."""
         bank = self.text_bank(concepts, settings.background_prompts)
         image = torch.as_tensor(image_rgb, device=self.device).permute(2, 0, 1).float() / 255.0
         k = len(bank.names)
@@ -168,8 +199,11 @@ class ConceptScorer:
         region_emb = self.encode_crops(image, boxes_xyxy, masks, settings.context_pad)
         if region_emb.shape[0] == 0:
             region_emb = torch.zeros((0, bank.embeddings.shape[1]), device=self.device)
-        probs = bank.probs(region_emb, self.logit_scale)
-        labels, scores, margins = assign_labels(probs, present, concepts, settings)
+        weights, bias = self.classifier(bank, head)
+        probs = torch.softmax(region_emb @ weights.T + bias, dim=-1)
+        learned = head.thresholds if head is not None else {}
+        thresholds = [c.threshold if c.threshold is not None else learned.get(c.name, settings.label_threshold) for c in concepts]
+        labels, scores, margins = assign_labels(probs, present, concepts, settings, thresholds)
         return RegionScores(
             labels=labels,
             scores=scores,
@@ -182,14 +216,15 @@ class ConceptScorer:
 
 
 def assign_labels(probs: torch.Tensor, present: torch.Tensor, concepts: tuple[Concept, ...],
-                  settings: ScoringSettings) -> tuple[list[str], np.ndarray, np.ndarray]:
+                  settings: ScoringSettings, thresholds: list[float] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Decide each region's label from its probabilities.
 
     ``probs``: (N, K + 1), concepts then background. ``present``: (K,) bool image gate.
     Returns (labels with "" for rejected, winner probability (N,), margin to the
     runner-up including background (N,)). A region is rejected when its best
     present concept is beaten by background, is under its threshold, or leads by
-    less than ``min_margin``.
+    less than ``min_margin``. ``thresholds``: one per concept; by default each
+    concept's own, else ``settings.label_threshold``.
     """
     n, k1 = probs.shape
     k = k1 - 1
@@ -202,8 +237,9 @@ def assign_labels(probs: torch.Tensor, present: torch.Tensor, concepts: tuple[Co
     others[torch.arange(n), best] = -1.0
     second = others.max(dim=1).values
     margin = (best_p - second).clamp(min=0.0)
-    thresholds = torch.tensor([c.threshold if c.threshold is not None else settings.label_threshold for c in concepts],
-                              device=probs.device)
+    if thresholds is None:
+        thresholds = [c.threshold if c.threshold is not None else settings.label_threshold for c in concepts]
+    thresholds = torch.tensor(thresholds, device=probs.device)
     ok = (best_p >= 0) & (best_p >= thresholds[best]) & (margin >= settings.min_margin) & (best_p >= probs[:, k])
     names = [c.name for c in concepts]
     labels = [names[b] if good else "" for b, good in zip(best.tolist(), ok.tolist())]

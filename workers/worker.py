@@ -85,8 +85,8 @@ def run_worker(config: WorkerConfig, redis_url: str, queues=INFERENCE_QUEUES, bu
     from labelassist.workers import jobs
 
     pipeline = build_pipeline(config)
-    jobs.install(pipeline)
     connection = Redis.from_url(redis_url)
+    jobs.install(pipeline, connection)
     connection.set(MODEL_VERSION_KEY, pipeline.version)
     worker = SimpleWorker(
         [Queue(q, connection=connection, serializer=JSONSerializer) for q in queues],
