@@ -331,7 +331,7 @@ def report(project: int | None, as_json: bool, plot_path: str | None, **options)
 @click.option("--no-activate", is_flag=True, help="Train and keep the head, but leave the active one as it is.")
 @click.option("--l2", type=float, default=None, help="Pull of the head towards zero-shot (default 1e-3; larger: closer).")
 @click.option("--target-precision", type=float, default=None,
-              help="Share of right labels the calibrated per-label thresholds aim at (default 0.9).")
+              help="Share of right labels the calibrated per-label thresholds aim at (default 0.8).")
 @click.option("--wait", "wait_s", default=3600.0, show_default=True, type=float, envvar=ENV_PREFIX + "TRAIN_WAIT_S",
               help=f"Seconds to wait for the training job; 0: submit and return [env {ENV_PREFIX}TRAIN_WAIT_S].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

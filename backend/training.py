@@ -2,7 +2,9 @@
 
 ``start_training`` reads the project's corrections from the store, turns each
 predicted region an annotator judged into an example (its CLIP embedding and
-its final label, or background when deleted), puts the examples in Redis and
+its final label, or background when deleted; a deleted region mostly inside a
+region the annotator kept is a duplicate or part of an object, and is left out),
+puts the examples in Redis and
 enqueues ``labelassist.workers.jobs.train_head`` on the ``train`` queue, which
 only training workers serve. The job fits the head, stores it and makes it the
 project's active head (``labelassist.workers.heads``): from then on the web tier
@@ -29,7 +31,14 @@ import numpy as np
 
 from labelassist.backend.queue import JOB_FAILED, JOB_FINISHED, JOB_MISSING, QueueClient
 from labelassist.backend.store import CorrectionStore
-from labelassist.plugin.corrections import KIND_ACCEPTED, KIND_ADDED, KIND_DELETED, KIND_EDITED, KIND_RELABELED
+from labelassist.plugin.corrections import (
+    KIND_ACCEPTED,
+    KIND_ADDED,
+    KIND_DELETED,
+    KIND_EDITED,
+    KIND_RELABELED,
+    share_inside_final,
+)
 from labelassist.workers.contract import QUEUE_TRAIN, TRAIN_JOB, Concept
 from labelassist.workers.errors import TrainingError
 from labelassist.workers.heads import BACKGROUND_TARGET, HeadStore, pack_examples, split_version
@@ -40,6 +49,7 @@ EXAMPLES_KEY = "labelassist:train:examples:{digest}"
 EXAMPLES_TTL_S = 7 * 24 * 3600  # a training job waiting longer than this for a worker finds its examples gone
 TRAIN_TIMEOUT_S = 3600  # one training job, worst case
 WAIT_POLL_S = 0.5
+PART_OF_OBJECT = 0.5  # a deleted region this much inside the final regions is not a background example
 
 
 @dataclass
@@ -53,6 +63,7 @@ class Examples:
     without_embedding: int = 0  # judged regions whose prediction carried no embedding
     other_models: int = 0  # corrections of predictions made with other base models
     annotations: int = 0
+    deleted_parts: int = 0  # deleted regions left out: mostly inside a region the annotator kept
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -61,7 +72,7 @@ class Examples:
         per_label = {name: int((self.targets == i).sum()) for i, name in enumerate(self.labels)}
         return {"examples": len(self), "per_label": per_label, "background": int((self.targets == BACKGROUND_TARGET).sum()),
                 "kinds": self.kinds, "without_embedding": self.without_embedding, "other_models": self.other_models,
-                "annotations": self.annotations}
+                "annotations": self.annotations, "deleted_parts": self.deleted_parts}
 
 
 def collect_examples(store: CorrectionStore, project_id: int, base_version: str) -> Examples:
@@ -71,7 +82,7 @@ def collect_examples(store: CorrectionStore, project_id: int, base_version: str)
     targets: list[int] = []
     index: dict[str, int] = {}
     kinds: dict[str, int] = {}
-    without = other = annotations = 0
+    without = other = annotations = parts = 0
     dim = None
     for corr in store.corrections(project=project_id):
         if split_version(corr.model_version)[0] != base_version:
@@ -87,6 +98,9 @@ def collect_examples(store: CorrectionStore, project_id: int, base_version: str)
                 continue
             dim = len(r.pred_embedding)
             if r.kind == KIND_DELETED:
+                if share_inside_final(r, corr) >= PART_OF_OBJECT:
+                    parts += 1
+                    continue  # a duplicate or part of an object the annotator kept: not background
                 target = BACKGROUND_TARGET
             else:
                 label = r.label_to if r.kind == KIND_RELABELED else (r.label_from or r.label_to)
@@ -98,7 +112,7 @@ def collect_examples(store: CorrectionStore, project_id: int, base_version: str)
             rows.append(r.pred_embedding)
             targets.append(target)
     embeddings = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim or 0)
-    return Examples(embeddings, np.asarray(targets, dtype=np.int64), names, kinds, without, other, annotations)
+    return Examples(embeddings, np.asarray(targets, dtype=np.int64), names, kinds, without, other, annotations, parts)
 
 
 @dataclass(frozen=True)

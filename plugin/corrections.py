@@ -696,6 +696,33 @@ def diff_annotation(annotation: Mapping[str, Any], prediction: Mapping[str, Any]
 # --- exports for fine-tuning ------------------------------------------------------------
 
 
+def _value_raster(region_type: str, value: Mapping[str, Any] | None, size_wh: tuple[int, int]) -> RasterMask | None:
+    if value is None or size_wh[0] <= 0 or size_wh[1] <= 0:
+        return None
+    region = parse_region({"id": "r", "type": region_type, "value": value, "original_width": size_wh[0],
+                           "original_height": size_wh[1]})
+    return region.raster() if region is not None else None
+
+
+def share_inside_final(deleted: RegionCorrection, corr: AnnotationCorrection) -> float:
+    """How much of a deleted region's area lies inside the annotation's final regions (0..1).
+
+    A deleted proposal mostly inside an object the annotator kept or drew was a
+    duplicate, a part or an overlap of that object rather than something that is
+    none of the labels.
+    """
+    mine = _value_raster(deleted.region_type, deleted.pred_value, deleted.size_wh)
+    if mine is None or mine.area == 0:
+        return 0.0
+    inside = 0
+    for r in corr.regions:
+        if r.kind != KIND_DELETED and r.final_value is not None and r.region_type == deleted.region_type:
+            final = _value_raster(r.region_type, r.final_value, r.size_wh)
+            if final is not None:
+                inside += mask_intersection(mine, final)
+    return min(1.0, inside / mine.area)
+
+
 def mask_to_coco_rle(mask: np.ndarray) -> dict[str, Any]:
     """Bool mask (h, w) -> uncompressed COCO RLE ``{"size": [h, w], "counts": [...]}``:
     column-major runs, the first one of zeros (possibly empty)."""

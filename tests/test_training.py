@@ -281,3 +281,76 @@ def _wait_for(fn, timeout_s: float = 60.0):
             return value
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+# -- what the log offers, and the command --------------------------------------------------------
+
+
+def _square(x0: float, y0: float, side: float) -> dict:
+    return {"points": [[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side]], "closed": True,
+            "polygonlabels": ["circle"]}
+
+
+def test_examples_leave_out_deleted_parts_of_kept_objects_and_follow_relabels(tmp_path):
+    emb = tuple(float(i) for i in range(8))
+    common = dict(region_type="polygonlabels", size_wh=(100, 100), pred_embedding=emb, match="id")
+    regions = (
+        RegionCorrection(kind="accepted", pred_region_id="a", final_region_id="a", label_from="circle", label_to="circle", iou=1.0,
+                         pred_value=_square(10, 10, 40), final_value=_square(10, 10, 40), **common),
+        RegionCorrection(kind="relabeled", pred_region_id="b", final_region_id="b", label_from="circle", label_to="square", iou=1.0,
+                         pred_value=_square(60, 60, 30), final_value=_square(60, 60, 30), **common),
+        # a fragment of the accepted object: a duplicate, not background
+        RegionCorrection(kind="deleted", pred_region_id="c", final_region_id=None, label_from="circle", label_to=None, iou=None,
+                         pred_value=_square(15, 15, 20), **{**common, "match": None}),
+        # something that is none of the labels
+        RegionCorrection(kind="deleted", pred_region_id="d", final_region_id=None, label_from="square", label_to=None, iou=None,
+                         pred_value=_square(60, 5, 20), **{**common, "match": None}),
+        RegionCorrection(kind="added", pred_region_id=None, final_region_id="e", label_from=None, label_to="circle", iou=None,
+                         final_value=_square(70, 10, 10), **{**common, "pred_embedding": (), "match": None}),
+    )
+    store = SQLiteCorrectionStore(tmp_path / "c.sqlite3").open()
+    store.add_correction(AnnotationCorrection(annotation_id=1, task_id=1, updated_at="t1", project=1, model_version="base+h0123456789ab",
+                                              regions=regions))
+    store.add_correction(AnnotationCorrection(annotation_id=2, task_id=2, updated_at="t1", project=1, model_version="other-models",
+                                              regions=regions[:1]))
+    examples = collect_examples(store, 1, "base")
+    assert examples.labels == ["circle", "square"]
+    assert examples.targets.tolist() == [0, 1, BACKGROUND_TARGET]
+    assert examples.embeddings.shape == (3, 8)
+    assert (examples.deleted_parts, examples.other_models, examples.annotations) == (1, 1, 1)
+    assert examples.summary()["kinds"] == {"accepted": 1, "relabeled": 1, "deleted": 2, "added": 1}
+
+
+def test_train_command_lists_restores_and_refuses_what_it_cannot_do(redis_url):
+    from click.testing import CliRunner
+
+    from labelassist.backend.cli import cli
+
+    env = {"LABELASSIST_REDIS_URL": redis_url}
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["train", "--project", "3", "--list"], env=env)
+    assert listed.exit_code == 0 and "no concept heads yet" in listed.output
+    restored = runner.invoke(cli, ["train", "--project", "3", "--restore"], env=env)
+    assert restored.exit_code == 1 and "no earlier concept head" in restored.output
+    both = runner.invoke(cli, ["train", "--project", "3", "--list", "--restore"], env=env)
+    assert both.exit_code == 2 and "one at most" in both.output
+    untrained = runner.invoke(cli, ["train", "--project", "3", "--wait", "0"], env=env)
+    assert untrained.exit_code == 1 and "no worker has published" in untrained.output
+    store = HeadStore(Redis.from_url(redis_url))
+    head = _head(3, 0)
+    store.put(head)
+    activated = runner.invoke(cli, ["train", "--project", "3", "--activate", head.id], env=env)
+    assert activated.exit_code == 0 and head.id in activated.output and store.active(3) == (head.id, "base")
+    listed = runner.invoke(cli, ["train", "--project", "3", "--list"], env=env)
+    assert head.id in listed.output and "*" in listed.output
+    back = runner.invoke(cli, ["train", "--project", "3", "--restore"], env=env)
+    assert back.exit_code == 0 and "zero-shot is active" in back.output and store.active(3) is None
+
+
+def test_worker_refuses_to_mix_training_with_interactive_inference(redis_url):
+    from click.testing import CliRunner
+
+    from labelassist.backend.cli import cli
+
+    result = CliRunner().invoke(cli, ["worker", "--redis-url", redis_url, "--queues", "interactive,train"])
+    assert result.exit_code == 2 and "never shares a worker" in result.output

@@ -37,8 +37,8 @@ from labelassist.workers.heads import BACKGROUND_TARGET, ConceptHead, HeadStore,
 
 log = logging.getLogger(__name__)
 
-DEFAULT_L2 = 1e-3  # pull of the weights towards zero-shot, per example-weighted loss
-DEFAULT_TARGET_PRECISION = 0.9  # calibrated thresholds aim at this share of right labels
+DEFAULT_L2 = 1e-3  # pull of the weights towards zero-shot, on standardised features
+DEFAULT_TARGET_PRECISION = 0.8  # calibrated thresholds aim at this share of right labels
 DEFAULT_MIN_EXAMPLES = 5  # a label needs this many examples before it gets a calibrated threshold
 DEFAULT_FOLDS = 5
 LBFGS_STEPS = 100
@@ -86,18 +86,24 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch
     present = counts > 0
     class_weight = torch.where(present, counts.sum() / (present.sum() * counts.clamp(min=1)), torch.zeros_like(counts))
     b0 = torch.where(torch.isfinite(b0), b0, torch.zeros_like(b0))
-    w = w0.clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True)
+    # CLIP embeddings of one domain share most of their direction: what tells regions apart is
+    # small. Fit on standardised features (the same classifier, re-parametrised), fold back after.
+    mu, sigma = x.mean(0), x.std(0).clamp(min=1e-6) if x.shape[0] > 1 else torch.ones(x.shape[1])
+    z = (x - mu) / sigma
+    wz0, bz0 = w0 * sigma, b0 + mu @ w0.T
+    w = wz0.clone().requires_grad_(True)
+    b = bz0.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=LBFGS_STEPS, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(x @ w.T + b, y, weight=class_weight) + l2 * ((w - w0).pow(2).sum() + (b - b0).pow(2).sum())
+        loss = F.cross_entropy(z @ w.T + b, y, weight=class_weight) + l2 * ((w - wz0).pow(2).sum() + (b - bz0).pow(2).sum())
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return w.detach(), b.detach()
+    w, b = w.detach(), b.detach()
+    return w / sigma, b - (mu / sigma) @ w.T
 
 
 def _folds(y: np.ndarray, k: int) -> list[np.ndarray]:
