@@ -6,6 +6,12 @@ builds for ``/predict`` (``LabelassistModel.task_requests``), submits it on the
 ``bulk`` queue under its deterministic job id, and writes finished results to
 Label Studio in batches. Annotations are never touched.
 
+Window: at most ``window`` jobs of a run are outstanding (queued, running, or
+finished and not yet collected); a task's image reference is resolved only when
+the task enters the window. Download headers made from a personal access token
+expire after 5 minutes, so a request resolved long before a worker gets to it
+would fail; a window of a few minutes of work keeps every header fresh.
+
 Resume: a run stopped half-way (killed, cancelled, Label Studio gone) is simply
 run again. Tasks whose prediction reached Label Studio are skipped; the others
 get the same job ids, so jobs still queued or finished are reused, not
@@ -33,6 +39,7 @@ Redis keys this module owns:
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import sys
@@ -59,6 +66,7 @@ STALE_RUN_S = 120.0  # a "running" run not updated for this long lost its proces
 TRANSIENT_CODES = frozenset({"worker_failed", "job_lost", "image_unavailable"})
 DEFAULT_MAX_RETRIES = 2
 DEFAULT_BATCH_SIZE = 50  # predictions written to Label Studio per import call
+DEFAULT_WINDOW = 64  # jobs of one run outstanding at once; enough to keep several GPU workers busy
 FLUSH_INTERVAL_S = 5.0  # finished predictions wait at most this long before they are written
 POLL_INTERVAL_S = 0.5  # between two sweeps over the pending jobs
 FAILURE_MESSAGE_CHARS = 500
@@ -324,13 +332,15 @@ class Bootstrap:
 
     def __init__(self, runtime: Runtime, client, project_id: int, *, task_ids: set[int] | None = None, replace: bool = False,
                  max_retries: int = DEFAULT_MAX_RETRIES, batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
-                 progress: bool = True, poll_s: float = POLL_INTERVAL_S):
+                 window: int = DEFAULT_WINDOW, progress: bool = True, poll_s: float = POLL_INTERVAL_S):
         if max_retries < 0:
             raise BootstrapError(f"--max-retries: expected 0 or more, got {max_retries}")
         if batch_size < 1:
             raise BootstrapError(f"--batch-size: expected 1 or more, got {batch_size}")
         if limit is not None and limit < 0:
             raise BootstrapError(f"--limit: expected 0 or more, got {limit}")
+        if window < 1:
+            raise BootstrapError(f"--window: expected 1 or more jobs, got {window}")
         self.runtime = runtime
         self.client = client
         self.project_id = int(project_id)
@@ -339,6 +349,7 @@ class Bootstrap:
         self.max_retries = max_retries
         self.batch_size = batch_size
         self.limit = limit
+        self.window = window
         self.progress = progress
         self.poll_s = poll_s
         self.queue = runtime.queue
@@ -348,7 +359,9 @@ class Bootstrap:
     def run(self) -> Summary:
         from tqdm import tqdm
 
-        version = workers_version(self.queue.connection)
+        workers_version(self.queue.connection)  # fails plainly when no worker has started
+        # The project's version: the workers' models plus its concept head, when one is trained.
+        version = self.runtime.versions.for_project(self.project_id)
         try:
             project = self.client.get_project(self.project_id)
             model = LabelassistModel(self.project_id, project.get("label_config") or "", self.runtime)
@@ -372,8 +385,7 @@ class Bootstrap:
             self.runs.update(run_id, summary)
             if self.replace:
                 summary.replaced = self._delete_other_versions(selected, version)
-            pending = self._submit_all(selected, model, link, version, summary, bar)
-            self._follow(pending, model, link, version, summary, bar)
+            self._follow(selected, model, link, version, summary, bar)
         except (LabelStudioAPIError, BootstrapError) as exc:
             summary.elapsed_s = time.monotonic() - started
             self.runs.update(run_id, summary)
@@ -405,41 +417,46 @@ class Bootstrap:
             log.info("run %s: deleted %d predictions of other model versions", self.run_id, deleted)
         return deleted
 
-    def _submit_all(self, tasks: list[dict[str, Any]], model: LabelassistModel, link: ProjectLink, version: str,
-                    summary: Summary, bar) -> dict[str, _Entry]:
-        pending: dict[str, _Entry] = {}
-        for start in range(0, len(tasks), self.batch_size):
-            if self.runs.status(self.run_id) == "cancelled":
-                break
-            chunk = tasks[start:start + self.batch_size]
+    def _submit(self, waiting: collections.deque, pending: dict[str, _Entry], model: LabelassistModel, link: ProjectLink,
+                version: str, summary: Summary, bar) -> None:
+        """Move tasks from ``waiting`` into the window until ``window`` jobs are pending or none wait.
+
+        Each task is resolved here, as it enters the window, so its download
+        headers are as fresh as they can be when a worker gets to it.
+        """
+        while waiting and len(pending) < self.window:
+            chunk = [waiting.popleft() for _ in range(min(len(waiting), self.window - len(pending)))]
             try:
                 requests = model.task_requests(chunk, version, link)
             except LabelassistError as exc:  # job settings that break the contract: no task can run
                 raise BootstrapError(str(exc)) from None
             job_ids = []
             for task, request in zip(chunk, requests):
-                task_id = int(task["id"])
                 if isinstance(request, PredictRequest):
                     job_id = self.queue.submit(request, queue=QUEUE_BULK)
                     pending[job_id] = _Entry(task, request)
                     job_ids.append(job_id)
                 else:
                     code = "bad_image" if isinstance(request, ImageReferenceError) else "image_unavailable"
-                    self._fail(summary, task_id, code, str(request), bar)
+                    self._fail(summary, int(task["id"]), code, str(request), bar)
             self.runs.add_jobs(self.run_id, job_ids)
-            self.runs.update(self.run_id, summary)
-        return pending
 
-    def _follow(self, pending: dict[str, _Entry], model: LabelassistModel, link: ProjectLink, version: str, summary: Summary,
+    def _follow(self, tasks: list[dict[str, Any]], model: LabelassistModel, link: ProjectLink, version: str, summary: Summary,
                 bar) -> None:
+        """Submit ``tasks`` through the window, collect results, retry, and write predictions in batches."""
         from labelassist.plugin.regions import prediction_from_result
 
+        waiting = collections.deque(tasks)
+        pending: dict[str, _Entry] = {}
         ready: list[tuple[int, dict[str, Any]]] = []
         last_flush = time.monotonic()
         while True:
             cancelled = self.runs.status(self.run_id) == "cancelled"
             if cancelled:
                 log.warning("run %s was cancelled; writing what is finished and stopping", self.run_id)
+            else:
+                self._submit(waiting, pending, model, link, version, summary, bar)
+            collected = 0
             for job_id in list(pending):
                 result: PredictResult | None = self.queue.result(job_id)
                 if result is None:
@@ -448,6 +465,7 @@ class Bootstrap:
                     cancelled = True  # its job was cancelled with the run: not a failure of the task
                     continue
                 entry = pending.pop(job_id)
+                collected += 1
                 if result.ok:
                     try:
                         ready.append((entry.task_id, prediction_from_result(result, model.config, version, model.value_key)))
@@ -467,17 +485,21 @@ class Bootstrap:
                     if isinstance(fresh, PredictRequest):
                         entry.request = fresh
                     _forget_job(self.queue.connection, job_id)
-                    pending[self.queue.submit(entry.request, queue=QUEUE_BULK)] = entry
+                    retry_id = self.queue.submit(entry.request, queue=QUEUE_BULK)
+                    pending[retry_id] = entry  # keeps the slot it had: the window stays bounded
+                    self.runs.add_jobs(self.run_id, [retry_id])
                     continue
                 self._fail(summary, entry.task_id, code, message, bar)
+            finished = not pending and not waiting
             now = time.monotonic()
-            if ready and (not pending or cancelled or now - last_flush >= FLUSH_INTERVAL_S):
+            if ready and (finished or cancelled or now - last_flush >= FLUSH_INTERVAL_S):
                 self._write(ready, version, summary, bar)
                 ready, last_flush = [], now
             self.runs.update(self.run_id, summary)
-            if not pending or cancelled:
+            if finished or cancelled:
                 return
-            time.sleep(self.poll_s)
+            if not collected:  # slots freed this sweep are filled at once; otherwise wait for the workers
+                time.sleep(self.poll_s)
 
     def _write(self, ready: list[tuple[int, dict[str, Any]]], version: str, summary: Summary, bar) -> None:
         """Write finished predictions to Label Studio, in one import call, skipping tasks that already hold this version."""

@@ -43,6 +43,8 @@ _SETTING_OPTIONS = {
     "allowed_image_hosts": ("--allowed-image-hosts", str, "Comma-separated hosts besides Label Studio that images may come from."),
     "proposals": ("--proposals", str, 'Mask proposal settings as JSON, e.g. \'{"points_per_side": 16}\'.'),
     "scoring": ("--scoring", str, 'Label scoring settings as JSON, e.g. \'{"label_threshold": 0.4}\'.'),
+    "preannotate_new_tasks": ("--preannotate-new-tasks/--no-preannotate-new-tasks", bool,
+                              "Pre-annotate tasks as they are imported (Label Studio's TASKS_CREATED webhook; bulk queue)."),
     "corrections_url": ("--corrections-url", str, "Correction store: postgresql://... (default: SQLite in the data dir)."),
     "data_dir": ("--data-dir", click.Path(file_okay=False), "Where kept data lives (the SQLite correction store)."),
 }
@@ -107,7 +109,7 @@ def worker(queues: str | None, burst: bool, **options) -> None:
 @setting_options("redis_url", "models", "sam_model", "sam_weights", "clip_model", "clip_pretrained", "device", "cache_dir",
                  "torch_threads", "host", "port", "predict_wait_s", "interactive_wait_s", "web_threads", "max_request_bytes",
                  "basic_auth_user", "basic_auth_pass", "webhook_secret", "ls_url", "ls_token", "local_files_root",
-                 "allowed_image_hosts", "proposals", "scoring", "corrections_url", "data_dir")
+                 "allowed_image_hosts", "proposals", "scoring", "preannotate_new_tasks", "corrections_url", "data_dir")
 def serve(**options) -> None:
     """Serve the Label Studio ML backend; without a Redis URL, also a private Redis and one worker."""
     from labelassist.backend.embedded import serve as run_serve
@@ -210,10 +212,13 @@ def rank(ls_url: str, token: str, project_id: int, model_version: str | None, in
               help="Times a task is tried again after worker_failed, job_lost or image_unavailable.")
 @click.option("--limit", type=int, default=None, help="Pre-annotate at most N of the selected tasks this run.")
 @click.option("--batch-size", type=int, default=50, show_default=True, help="Predictions written to Label Studio per call.")
+@click.option("--window", type=int, default=64, show_default=True, envvar=ENV_PREFIX + "BOOTSTRAP_WINDOW",
+              help="Jobs of the run outstanding at once; a task's image is resolved only when it enters the window, "
+                   f"so download tokens do not expire in the queue [env {ENV_PREFIX}BOOTSTRAP_WINDOW].")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def bootstrap(ls_url: str, token: str, project_id: int, task_filter: str | None, replace: bool, max_retries: int,
-              limit: int | None, batch_size: int, no_progress: bool, as_json: bool, **options) -> None:
+              limit: int | None, batch_size: int, window: int, no_progress: bool, as_json: bool, **options) -> None:
     """Pre-annotate every task of a project that has no prediction of the workers' model version.
 
     Jobs go to the bulk queue; run it again to resume (nothing is predicted or written twice).
@@ -238,7 +243,8 @@ def bootstrap(ls_url: str, token: str, project_id: int, task_filter: str | None,
         queue = QueueClient(connection, JobOptions(settings.job_timeout_s, settings.result_ttl_s, settings.failure_ttl_s))
         client = LabelStudioClient(ls_url, token)
         run = Bootstrap(Runtime.build(settings, queue), client, project_id, task_ids=parse_task_filter(task_filter),
-                        replace=replace, max_retries=max_retries, batch_size=batch_size, limit=limit, progress=not no_progress)
+                        replace=replace, max_retries=max_retries, batch_size=batch_size, limit=limit, window=window,
+                        progress=not no_progress)
         summary = run.run()
     except (BootstrapError, LabelStudioAPIError) as exc:
         raise click.ClickException(str(exc)) from None

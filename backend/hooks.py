@@ -19,4 +19,9 @@ def event_hooks(runtime, store) -> dict[str, Hook]:
     from labelassist.backend.training import TrainingHook
 
     hooks: dict[str, Hook] = {START_TRAINING: TrainingHook(runtime, store)}
+    if runtime.settings.preannotate_new_tasks:  # labelassist.backend.preannotate
+        from labelassist.backend.events import TASKS_CREATED
+        from labelassist.backend.preannotate import PreannotateNewTasks
+
+        hooks[TASKS_CREATED] = PreannotateNewTasks(runtime)
     return hooks

@@ -33,6 +33,9 @@ DEFAULT_INTERACTIVE_WAIT_S = 30.0  # how long an interactive /predict waits for 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024  # larger HTTP bodies get 413 (a /predict of ~10k tasks fits)
 DEFAULT_WEB_THREADS = 16  # request threads: /health must answer while /predict calls wait on jobs
 DEFAULT_PUSH_INTERVAL_S = 1.0  # how often the follow-up looks for finished jobs to push to Label Studio
+DEFAULT_PREANNOTATE_NEW_TASKS = False  # pre-annotate tasks on Label Studio's TASKS_CREATED webhook
+TRUE_WORDS = ("1", "true", "yes", "on")  # how a boolean setting is switched on in the environment
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
 def default_data_dir() -> Path:
@@ -72,6 +75,8 @@ class Settings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     web_threads: int = DEFAULT_WEB_THREADS
     push_interval_s: float = DEFAULT_PUSH_INTERVAL_S
+    # Pre-annotate newly imported tasks (bulk queue) when Label Studio's TASKS_CREATED webhook arrives.
+    preannotate_new_tasks: bool = DEFAULT_PREANNOTATE_NEW_TASKS
     # Basic auth for Label Studio's calls (both set: on). /webhook/<secret> is exempt.
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
@@ -141,6 +146,11 @@ def json_object_setting(settings: Settings, name: str) -> dict[str, Any]:
 
 def _coerce(name: str, type_name: Any, raw: str) -> Any:
     t = str(type_name)
+    if t == "bool":
+        word = raw.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}, got {raw!r}")
     try:
         if t.startswith("int"):
             return int(raw)

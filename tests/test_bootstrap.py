@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from redis import Redis
 from rq import Queue, SimpleWorker
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from labelassist.backend import bootstrap as bs
@@ -41,7 +42,7 @@ class FakePipeline:
         self.flaky_times = flaky_times
         self.runs: dict[str, int] = {}
 
-    def run(self, request):
+    def run(self, request, head=None):
         uri = request.image.uri
         self.runs[uri] = self.runs.get(uri, 0) + 1
         if "bad" in uri:
@@ -146,6 +147,79 @@ def run_with_worker(connection, run: Bootstrap, pipeline: FakePipeline, timeout_
     return out["summary"]
 
 
+class TokenIssuer:
+    """The client seam of ``Runtime``: download headers as Label Studio hands them out, a fresh access token per call."""
+
+    def __init__(self):
+        self.issued = 0
+
+    def auth_headers(self) -> dict[str, str]:
+        self.issued += 1
+        return {"Authorization": f"Bearer access-{self.issued}"}
+
+
+class WindowProbe(FakePipeline):
+    """A ``FakePipeline`` that records, as each job starts, the bulk jobs queued plus running (this one included)
+    and how many download tokens had been issued; the first job waits until the run has filled its window."""
+
+    def __init__(self, connection, tokens: TokenIssuer, window: int, flaky_times: int = 1):
+        super().__init__(flaky_times)
+        self.connection = connection
+        self.tokens = tokens
+        self.window = window
+        self.outstanding: list[int] = []
+        self.issued: list[int] = []
+
+    def _queued_and_running(self) -> int:
+        queue = Queue(QUEUE_BULK, connection=self.connection, serializer=JSONSerializer)
+        pipe = self.connection.pipeline(transaction=True)  # one snapshot of both
+        pipe.llen(queue.key)
+        pipe.zcard(StartedJobRegistry(queue=queue).key)
+        queued, running = pipe.execute()
+        return queued + running
+
+    def run(self, request, head=None):
+        deadline = time.monotonic() + 10
+        while not self.outstanding and self._queued_and_running() < self.window and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.outstanding.append(self._queued_and_running())
+        self.issued.append(self.tokens.issued)
+        return super().run(request, head)
+
+
+def test_window_bounds_outstanding_jobs_and_resolves_each_task_as_it_enters(connection):
+    n, window = 30, 4
+    urls = [f"http://ls.test/data/upload/1/{'flaky' if i == 7 else 'ok'}{i}.png" for i in range(n)] + ["ftp://nowhere/x.png"]
+    ls = FakeLabelStudio(urls)
+    tokens = TokenIssuer()
+    settings = Settings(redis_url="redis://unused", ls_url="http://ls.test", ls_token="legacy-token-123")
+    runtime = Runtime.build(settings, QueueClient(connection, JobOptions(60, 3600, 3600)), client_factory=lambda url, token: tokens)
+    pipeline = WindowProbe(connection, tokens, window)
+    summary = run_with_worker(connection, Bootstrap(runtime, ls, 1, progress=False, batch_size=5, window=window, poll_s=0.02),
+                              pipeline)
+    assert (summary.status, summary.selected, summary.done, summary.failed, summary.retried) == ("finished", n + 1, n, 1, 1)
+    assert summary.failures["31"]["code"] == "bad_image"
+    assert all(len(ls.of(t, VERSION)) == (0 if t == 31 else 1) for t in ls.tasks)
+    assert len(pipeline.outstanding) == n + 1  # every job, the retried one twice
+    assert max(pipeline.outstanding) == window, pipeline.outstanding  # filled, never exceeded
+    # Only the window's tasks had been resolved when the first job ran; in all, each task once and the retried one again.
+    assert pipeline.issued[0] == window and tokens.issued == n + 1
+    assert connection.scard(bs.RUN_JOBS_KEY.format(run_id=summary.run_id)) == n  # every job recorded, for cancel
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--window", "0", "--window: expected 1 or more jobs, got 0"),
+    ("--batch-size", "0", "--batch-size: expected 1 or more, got 0"),
+    ("--max-retries", "-1", "--max-retries: expected 0 or more, got -1"),
+])
+def test_cli_bootstrap_rejects_bad_run_options(redis_url, option, value, message):
+    from labelassist.backend.cli import cli
+
+    out = CliRunner().invoke(cli, ["bootstrap", "--ls-url", "http://127.0.0.1:9", "--token", "legacy-token-123", "--project", "1",
+                                   "--redis-url", redis_url, "--no-progress", option, value])
+    assert out.exit_code == 1 and message in out.output, out.output
+
+
 def test_filter_parses_ids_and_ranges():
     assert parse_task_filter(None) is None
     assert parse_task_filter("1, 4,10-12") == {1, 4, 10, 11, 12}
@@ -185,6 +259,38 @@ def test_run_writes_one_prediction_per_good_task_records_failures_and_retries(co
     run = RunStore(connection).get(summary.run_id)
     assert run["status"] == "finished" and run["done"] == 10 and run["failed"] == 2 and run["project"] == 1
     assert run["failures"] == summary.failures and run["finished_at"] >= run["started_at"]
+
+
+class HeadRecordingPipeline(FakePipeline):
+    """Records the concept head each job was run with."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads: list[str | None] = []
+
+    def run(self, request, head=None):
+        self.heads.append(head.id if head is not None else None)
+        return super().run(request, head)
+
+
+def test_a_project_with_a_trained_head_is_bootstrapped_under_its_version(connection):
+    import numpy as np
+
+    from labelassist.workers.heads import ConceptHead, HeadStore, versioned
+
+    head = ConceptHead(project=1, base_version=VERSION, labels=("cat",), weights=np.zeros((2, 4), np.float32),
+                       bias=np.zeros(2, np.float32))
+    store = HeadStore(connection)
+    store.put(head)
+    store.activate(1, head.id)
+    ls = FakeLabelStudio(images(3))
+    ls.add_prediction(1, VERSION)  # a zero-shot prediction: the head's version still lacks it
+    pipeline = HeadRecordingPipeline()
+    summary = run_with_worker(connection, Bootstrap(runtime_for(connection), ls, 1, progress=False, poll_s=0.05), pipeline)
+    version = versioned(VERSION, head.id)
+    assert summary.model_version == version and (summary.selected, summary.done) == (3, 3)
+    assert pipeline.heads == [head.id] * 3
+    assert all(len(ls.of(t, version)) == 1 for t in ls.tasks)
 
 
 def test_transient_failures_end_after_max_retries(connection):

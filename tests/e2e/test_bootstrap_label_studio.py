@@ -1,19 +1,18 @@
 """End to end: ``labelassist bootstrap`` against Label Studio 1.23.2 and a real tiny-random worker.
 
-The project has ``N_TASKS`` tasks, ``BROKEN`` of them broken (two uploads that
-are not images, one reference to an upload that does not exist). The issue
-speaks of 200 tasks; ``N_TASKS`` is 40 so the test stays well under a minute
-on a 2-core CPU worker (each task is a real SAM + CLIP job): the logic under
-test (selection, batching, resume, failures) does not depend on the count.
+The project has ``N_TASKS`` (200) tasks with small images, ``BROKEN`` of them
+broken (two uploads that are not images, one reference to an upload that does
+not exist). Each task is a real SAM + CLIP job on two tiny-random CPU workers.
 
-A first run is killed mid-way (SIGKILL, as a crashed or interrupted run), the
-second resumes it, a third finds nothing to write. Every good task ends with
-exactly one prediction of the workers' version; the broken ones are recorded
-failures with their reasons and get none.
+A first run with a window of ``WINDOW`` jobs is killed mid-way (SIGKILL, as a
+crashed or interrupted run) while its jobs are watched: never more than the
+window are queued or running. The second run resumes it, a third finds nothing
+to write. Every good task ends with exactly one prediction of the workers'
+version; the broken ones are recorded failures with their reasons and get none.
 
 Random weights keep no region on their own: the job settings of
-tests/e2e/test_label_studio.py (``EXTRA_PARAMS``) are passed with
-``--proposals``/``--scoring``.
+tests/e2e/test_label_studio.py (``EXTRA_PARAMS``, with a coarser point grid)
+are passed with ``--proposals``/``--scoring``.
 
 (Not named test_bootstrap.py: tests/test_bootstrap.py has that basename, and
 pytest's default import mode needs unique basenames in directories without
@@ -37,9 +36,15 @@ from test_label_studio import CONFIG, EXTRA_PARAMS, png
 
 pytestmark = pytest.mark.e2e
 
-N_TASKS = 40
+N_TASKS = 200
 BROKEN = 3
+WINDOW = 16
+KILL_AFTER = 80  # predictions written before run 1 is killed
 RUN_TIMEOUT_S = 300
+UPLOAD_CHUNK = 50
+# A 4x4 point grid: ~0.4 s per job on one CPU thread instead of ~2 s at 8x8 (image size hardly matters,
+# SAM resizes every image to its input size), so 200 jobs fit in a minute or two on two workers.
+PROPOSALS = {**EXTRA_PARAMS["proposals"], "points_per_side": 4}
 
 
 def make_bulk_project(ls) -> dict:
@@ -47,13 +52,14 @@ def make_bulk_project(ls) -> dict:
     assert r.status_code == 201, r.text
     pid = r.json()["id"]
     good = N_TASKS - BROKEN
-    files = [(f"file{i}", (f"img{i}.png", png((64 + i % 5 * 8, 48 + i % 3 * 8), i), "image/png")) for i in range(good)]
+    files = [(f"file{i}", (f"img{i}.png", png((32 + i % 5 * 4, 24 + i % 3 * 4), i), "image/png")) for i in range(good)]
     files += [(f"broken{i}", (f"broken{i}.png", b"this is not an image " * (i + 1), "image/png")) for i in range(BROKEN - 1)]
-    r = ls.api("POST", f"/api/projects/{pid}/import", files=files)
-    assert r.status_code == 201, r.text
+    for start in range(0, len(files), UPLOAD_CHUNK):  # Django refuses more than 100 files per request
+        r = ls.api("POST", f"/api/projects/{pid}/import", files=files[start:start + UPLOAD_CHUNK])
+        assert r.status_code == 201, r.text
     r = ls.api("POST", f"/api/projects/{pid}/import", json=[{"image": f"/data/upload/{pid}/missing-file.png"}])
     assert r.status_code == 201, r.text
-    tasks = ls.api("GET", "/api/tasks/", params={"project": pid, "fields": "all", "resolve_uri": "false", "page_size": 1000}).json()["tasks"]
+    tasks = ls.api("GET", "/api/tasks/", params={"project": pid, "fields": "all", "resolve_uri": "false", "page_size": N_TASKS * 2}).json()["tasks"]
     assert len(tasks) == N_TASKS
     broken = sorted(t["id"] for t in tasks if "broken" in t["data"]["image"] or "missing-file" in t["data"]["image"])
     assert len(broken) == BROKEN, [t["data"]["image"] for t in tasks]
@@ -62,12 +68,25 @@ def make_bulk_project(ls) -> dict:
 
 def bootstrap_cmd(ls, pid: int, redis_url: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "labelassist.backend.cli", "bootstrap", "--ls-url", ls.url, "--token", ls.token,
-            "--project", str(pid), "--redis-url", redis_url, "--proposals", json.dumps(EXTRA_PARAMS["proposals"]),
+            "--project", str(pid), "--redis-url", redis_url, "--proposals", json.dumps(PROPOSALS),
             "--scoring", json.dumps(EXTRA_PARAMS["scoring"]), "--max-retries", "1", "--batch-size", "5", *extra]
 
 
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LABELASSIST_")}
+
+
+def queued_and_running(connection: Redis) -> int:
+    """Bulk jobs waiting in the queue plus those a worker is running, read in one snapshot."""
+    from rq import Queue
+    from rq.registry import StartedJobRegistry
+
+    queue = Queue("bulk", connection=connection)
+    pipe = connection.pipeline(transaction=True)
+    pipe.llen(queue.key)
+    pipe.zcard(StartedJobRegistry(queue=queue).key)
+    queued, running = pipe.execute()
+    return queued + running
 
 
 def predictions_by_task(ls, project: dict) -> dict[int, list]:
@@ -79,26 +98,30 @@ def test_bootstrap_killed_midway_resumes_with_one_prediction_per_good_task(label
     ls = label_studio
     project = make_bulk_project(ls)
     connection = Redis.from_url(redis_url)
-    with running_worker(redis_url, "--device", "cpu"):
+    with running_worker(redis_url, "--device", "cpu"), running_worker(redis_url, "--device", "cpu"):
         version = connection.get("labelassist:model_version").decode()
 
-        # Run 1: killed once some predictions are written.
+        # Run 1: a window of WINDOW jobs, killed once KILL_AFTER predictions are written.
         log1 = tmp_path / "run1.log"
         with open(log1, "wb") as log:
-            proc = subprocess.Popen(bootstrap_cmd(ls, project["id"], redis_url), env=clean_env(), stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(bootstrap_cmd(ls, project["id"], redis_url, "--window", str(WINDOW)), env=clean_env(),
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        outstanding = []
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while proc.poll() is None and time.monotonic() < deadline:
+            outstanding.append(queued_and_running(connection))
             runs = connection.zrange("labelassist:runs", 0, -1)
             done = int(connection.hget(b"labelassist:run:" + runs[0], "done") or 0) if runs else 0
-            if done >= 10:
+            if done >= KILL_AFTER:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         proc.wait(30)
+        assert done >= KILL_AFTER, (done, log1.read_text()[-3000:])
+        assert 0 < max(outstanding) <= WINDOW, max(outstanding)
         by_task = predictions_by_task(ls, project)
         written = sum(len(p) for p in by_task.values())
-        assert 0 < written and all(len(p) <= 1 for p in by_task.values()), (written, log1.read_text()[-3000:])
+        assert KILL_AFTER <= written < N_TASKS - BROKEN and all(len(p) <= 1 for p in by_task.values()), (written, log1.read_text()[-3000:])
 
         # Run 2: resumes; the jobs of run 1 are reused, nothing is written twice.
         out = subprocess.run(bootstrap_cmd(ls, project["id"], redis_url, "--json"), env=clean_env(), capture_output=True,
