@@ -328,7 +328,7 @@ def report(project: int | None, as_json: bool, plot_path: str | None, **options)
 
 
 @cli.command()
-@setting_options("redis_url", "corrections_url", "data_dir", "ls_url", "ls_token")
+@setting_options("redis_url", "corrections_url", "data_dir", "ls_url", "ls_token", "basic_auth_pass")
 @click.option("--project", "project_id", required=True, type=int, envvar=ENV_PREFIX + "PROJECT", help=f"Label Studio project id [env {ENV_PREFIX}PROJECT].")
 @click.option("--list", "list_heads", is_flag=True, help="List the project's concept heads instead of training.")
 @click.option("--restore", is_flag=True, help="Go back to the head (or zero-shot) that was active before the current one.")
@@ -369,7 +369,7 @@ def train(project_id: int, list_heads: bool, restore: bool, activate_id: str | N
         version = versioned(base, head_id)
         client = runtime.client(None)
         if client is not None and base:
-            announce_version(client, project_id, version)
+            announce_version(client, project_id, version, settings.basic_auth_pass)
         return version
 
     try:

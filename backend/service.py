@@ -123,6 +123,11 @@ class VersionSource:
     def current(self) -> str:
         return self.published() or self.fallback
 
+    def forget(self, project_id: int) -> None:
+        """Drop the cached read of the project's head: it just changed."""
+        with self._lock:
+            self._active.pop(project_id, None)
+
     def for_project(self, project_id: int) -> str:
         """The project's model version: the base, plus its active head when that head was trained on these models."""
         base = self.current()

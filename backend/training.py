@@ -165,8 +165,29 @@ def wait_training(queue: QueueClient, job_id: str, timeout_s: float, on_poll: Ca
         time.sleep(WAIT_POLL_S)
 
 
-def announce_version(client, project_id: int, version: str) -> None:
-    """Tell Label Studio the project's model version, so its scores and sampling use the new predictions."""
+def announce_version(client, project_id: int, version: str, basic_auth_pass: str | None = None) -> None:
+    """Tell Label Studio the project's model version, so its scores and sampling use the new predictions.
+
+    Label Studio accepts a project version only when an ML backend of the project
+    has it as its title or a prediction carries it, so our backends (titled with a
+    version of the same base models, as ``connect`` titles them) are renamed first.
+    Label Studio re-checks a backend on every update and wants its connection
+    fields again, the basic auth password included (``basic_auth_pass``: ours).
+    """
+    base = split_version(version)[0]
+    ours = [b for b in client.list_ml_backends(project_id) if split_version(str(b.get("title") or ""))[0] == base]
+    if not ours:
+        raise TrainingError(f"project {project_id}: none of its ML backends is titled with a version of models {base}; "
+                            "run `labelassist connect` for it, then train again")
+    for backend in ours:
+        fields = {k: backend[k] for k in ("url", "auth_method", "is_interactive", "basic_auth_user", "extra_params")
+                  if backend.get(k) is not None}
+        if backend.get("auth_method") == "BASIC_AUTH":
+            if not basic_auth_pass:
+                raise TrainingError(f"project {project_id}: Label Studio needs our basic auth password to rename its ML "
+                                    f"backend to {version}; set LABELASSIST_BASIC_AUTH_PASS")
+            fields["basic_auth_pass"] = basic_auth_pass
+        client.request("PATCH", f"/api/ml/{int(backend['id'])}", json={**fields, "project": project_id, "title": version})
     client.update_project(project_id, model_version=version)
     log.info("project %s: Label Studio now uses model version %s", project_id, version)
 
@@ -225,9 +246,10 @@ class TrainingHook:
     def _finish(self, submitted: Submitted) -> None:
         try:
             result = wait_training(self.runtime.queue, submitted.job_id, self.wait_s)
+            self.runtime.versions.forget(submitted.project_id)  # Label Studio calls /setup while we announce
             client = self.runtime.client(self.runtime.projects.get(submitted.project_id))
             if client is not None and result.get("activated"):
-                announce_version(client, submitted.project_id, result["model_version"])
+                announce_version(client, submitted.project_id, result["model_version"], self.runtime.settings.basic_auth_pass)
         except Exception as exc:  # logged: the head, if trained, is active whatever Label Studio answers
             log.error("project %s: training %s: %s", submitted.project_id, submitted.job_id, exc)
 

@@ -161,6 +161,14 @@ class RecordingClient:
 
     def __init__(self):
         self.updates: list[tuple[int, dict]] = []
+        self.titles: dict[int, str] = {1: "", 2: "someone else's model"}
+
+    def list_ml_backends(self, project_id: int) -> list[dict]:
+        return [{"id": i, "title": t} for i, t in self.titles.items()]
+
+    def request(self, method: str, path: str, json=None, **kwargs):
+        assert method == "PATCH" and path.startswith("/api/ml/") and json["project"] == 1, (method, path, json)
+        self.titles[int(path.rsplit("/", 1)[1])] = json["title"]
 
     def update_project(self, project_id: int, **fields) -> None:
         self.updates.append((project_id, fields))
@@ -213,6 +221,7 @@ def test_start_training_event_trains_on_a_worker_rolls_out_and_restores(redis_ur
         model = LabelassistModel(1, CONFIG, runtime)
         base = runtime.versions.published()
         assert model.model_version == base
+        client.titles[1] = base  # as `labelassist connect` titles our backend
 
         # Round 1, zero-shot; the annotator says every proposal is a square.
         _, results = _predict(model, runtime, tasks)
@@ -235,6 +244,7 @@ def test_start_training_event_trains_on_a_worker_rolls_out_and_restores(redis_ur
             sink.stop()
         version = versioned(base, head_id)
         _wait_for(lambda: client.updates == [(1, {"model_version": version})])
+        assert client.titles == {1: version, 2: "someone else's model"}  # Label Studio accepts a backend's title
 
         # Round 2: the web tier reports and requests the new version; the worker applies the head.
         runtime = _runtime(redis_url, root, client)  # no version cache from before

@@ -254,9 +254,15 @@ def test_late_predictions_arrive_through_the_follow_up(label_studio, backend, tm
         assert ls.api("GET", "/api/predictions/", params={"project": project["id"]}).json() == []
         by_task = wait_for_predictions(ls, project)
         assert_one_polygon_prediction_each(by_task, backend["version"], log_path)
-        # Either web tier's pusher may deliver (they share the Redis); together, once per task.
-        wrote = [line for path in (log_path, backend["log"]) for line in path.read_text().splitlines()
-                 if "follow-up: wrote the prediction" in line and f"(project {project['id']})" in line]
+        # Either web tier's pusher may deliver (they share the Redis); together, once per task. A pusher
+        # logs the write after Label Studio answers it, so the last line may trail the prediction a little.
+        deadline = time.monotonic() + 10
+        while True:
+            wrote = [line for path in (log_path, backend["log"]) for line in path.read_text().splitlines()
+                     if "follow-up: wrote the prediction" in line and f"(project {project['id']})" in line]
+            if len(wrote) >= len(project["task_ids"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert len(wrote) == len(project["task_ids"]), wrote
         retrieve_predictions(ls, project["id"])  # nothing left to predict
         assert len(ls.api("GET", "/api/predictions/", params={"project": project["id"]}).json()) == len(project["task_ids"])
@@ -305,5 +311,42 @@ def test_annotations_reach_the_correction_log(label_studio, project, backend, co
         # so the log has the CLIP embedding the model saw for each of them.
         assert corr.regions and all(r.kind == "accepted" for r in corr.regions), corr.regions
         assert all(len(r.pred_embedding) > 0 for r in corr.regions)
+    finally:
+        store.close()
+
+
+def test_train_button_trains_a_head_and_the_project_predicts_with_it(label_studio, project, backend, connected):
+    """Label Studio's Train (POST /api/ml/<id>/train) sends START_TRAINING to the backend; the training
+    worker fits a head on the correction log, Label Studio is told the new version, and new predictions
+    are made with the head by the same, unrestarted inference worker."""
+    ls, pid = label_studio, project["id"]
+    assert any(e["kind"] == "accepted" for e in _corrections_of(backend, pid)), "needs the annotation test's correction"
+    r = ls.api("POST", f"/api/ml/{connected['ml_backend']['id']}/train", json={})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while True:
+        version = ls.api("GET", f"/api/projects/{pid}/").json()["model_version"]
+        if version != backend["version"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert re.fullmatch(re.escape(backend["version"]) + r"\+h[0-9a-f]{12}", version), (version, backend["log"].read_text()[-3000:])
+    setup = requests.post(backend["url"] + "/setup", json={"project": f"{pid}.0", "schema": CONFIG}, timeout=10).json()
+    assert setup["model_version"] == version
+    # The task without an annotation gets a prediction of the new version on the next retrieval.
+    task_id = project["task_ids"][0]
+    r = ls.api("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+               json={"selectedItems": {"all": False, "included": [task_id]}}, timeout=150)
+    assert r.status_code == 200, r.text
+    preds = ls.api("GET", "/api/predictions/", params={"task": task_id}).json()
+    assert sorted(p["model_version"] for p in preds) == sorted([backend["version"], version]), preds
+    assert "worker started" in backend["log"].read_text() and "queues train" in backend["log"].read_text()
+
+
+def _corrections_of(backend, project_id: int) -> list[dict]:
+    from labelassist.backend.store import DEFAULT_DB_FILENAME, open_store
+
+    store = open_store(None, backend["data_dir"] / DEFAULT_DB_FILENAME)
+    try:
+        return [{"kind": r.kind} for c in store.corrections(project=project_id) for r in c.regions]
     finally:
         store.close()
