@@ -50,6 +50,7 @@ from typing import Any, Iterable
 
 from redis import Redis
 
+from labelassist.backend.queue import TRANSIENT_CODES
 from labelassist.backend.service import LabelassistModel, ProjectLink, Runtime
 from labelassist.plugin.errors import ImageReferenceError, LabelStudioAPIError
 from labelassist.workers.contract import MODEL_VERSION_KEY, QUEUE_BULK, PredictRequest, PredictResult
@@ -63,7 +64,6 @@ RUN_JOBS_KEY = "labelassist:run:{run_id}:jobs"
 RUN_TTL_S = 30 * 24 * 3600  # a run's record is kept this long after it was last updated
 RUNS_KEPT = 1000  # newest runs listed in labelassist:runs
 STALE_RUN_S = 120.0  # a "running" run not updated for this long lost its process
-TRANSIENT_CODES = frozenset({"worker_failed", "job_lost", "image_unavailable"})
 DEFAULT_MAX_RETRIES = 2
 DEFAULT_BATCH_SIZE = 50  # predictions written to Label Studio per import call
 DEFAULT_WINDOW = 64  # jobs of one run outstanding at once; enough to keep several GPU workers busy
@@ -484,7 +484,7 @@ class Bootstrap:
                     fresh = model.task_requests([entry.task], version, link)[0]
                     if isinstance(fresh, PredictRequest):
                         entry.request = fresh
-                    _forget_job(self.queue.connection, job_id)
+                    self.queue.forget(job_id)
                     retry_id = self.queue.submit(entry.request, queue=QUEUE_BULK)
                     pending[retry_id] = entry  # keeps the slot it had: the window stays bounded
                     self.runs.add_jobs(self.run_id, [retry_id])
@@ -544,15 +544,3 @@ class Bootstrap:
         bar.update(1)
         bar.set_postfix(failed=summary.failed, refresh=False)
         log.warning("task %s: %s: %s", task_id, code, message)
-
-
-def _forget_job(connection: Redis, job_id: str) -> None:
-    """Delete a finished job so submitting its request again runs it again."""
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-    from rq.serializers import JSONSerializer
-
-    try:
-        Job.fetch(job_id, connection=connection, serializer=JSONSerializer).delete()
-    except NoSuchJobError:
-        pass

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from redis import Redis
 from redis.exceptions import RedisError
 
+from labelassist.backend.queue import TRANSIENT_CODES
 from labelassist.workers.errors import LabelassistError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ INFLIGHT_KEY = "labelassist:push:inflight"
 STALE_CLAIM_S = 300.0  # an inflight claim older than this belongs to a pusher that died
 MAX_BACKOFF_S = 300.0  # longest wait between two tries of a push Label Studio refused
 GIVE_UP_AFTER_S = 24 * 3600.0  # a push still failing after this long is dropped, with an error logged
-MAX_RESUBMITS = 3  # times a job the queue lost is submitted again
+MAX_RESUBMITS = 3  # times a job that was lost or failed for a passing reason is submitted again
 SCAN_COUNT = 200  # pending records read per Redis round trip
 
 # Reply side: take the record if pending (the reply delivers it); refuse when a
@@ -72,7 +73,9 @@ class PendingPush:
     """A job whose prediction Label Studio has not received yet.
 
     ``request`` is the job's ``PredictRequest`` JSON, kept so a job the queue
-    lost can be submitted again; ``label_config`` formats the result.
+    lost can be submitted again; ``task_data`` the task's data, to resolve its
+    image afresh when a job failed for a reason that may pass (download tokens
+    expire); ``label_config`` formats the result.
     """
 
     job_id: str
@@ -82,6 +85,7 @@ class PendingPush:
     label_config: str
     request: dict[str, Any]
     queue: str
+    task_data: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     attempts: int = 0
     resubmits: int = 0
@@ -122,8 +126,13 @@ class PendingPushes:
     def release(self, push: PendingPush) -> None:
         self._release(keys=[PENDING_KEY, INFLIGHT_KEY], args=[push.job_id, push.to_json()])
 
-    def update(self, push: PendingPush) -> None:
-        self.connection.hset(PENDING_KEY, push.job_id, push.to_json())
+    def update(self, push: PendingPush, previous_job_id: str | None = None) -> None:
+        """Rewrite ``push``'s record; with ``previous_job_id``, the record moves to the push's new job."""
+        pipe = self.connection.pipeline()
+        if previous_job_id and previous_job_id != push.job_id:
+            pipe.hdel(PENDING_KEY, previous_job_id)
+        pipe.hset(PENDING_KEY, push.job_id, push.to_json())
+        pipe.execute()
 
     def pending(self) -> list[PendingPush]:
         out = []
@@ -154,13 +163,17 @@ class Pusher:
 
     ``deliver(push, result)`` creates the prediction (see ``LabelStudioDelivery``);
     it raises ``LabelassistError`` (or ``OSError``) when Label Studio refuses or
-    cannot be reached, and the push is tried again with backoff.
+    cannot be reached, and the push is tried again with backoff. A job that
+    failed for a reason that may pass (``TRANSIENT_CODES``) is submitted again,
+    up to ``MAX_RESUBMITS`` times, with the request ``deliver.refresh(push)``
+    makes (the image resolved afresh) when ``deliver`` has one.
     """
 
     def __init__(self, pushes: PendingPushes, queue, deliver: Callable[[PendingPush, Any], None], interval_s: float):
         self.pushes = pushes
         self.queue = queue
         self.deliver = deliver
+        self.refresh = getattr(deliver, "refresh", None)
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -197,8 +210,8 @@ class Pusher:
             result = self.queue.result(push.job_id)
             if result is None:
                 continue  # still queued or running
-            if result.error is not None and result.error.code == "job_lost" and push.resubmits < MAX_RESUBMITS:
-                self._resubmit(push)
+            if result.error is not None and result.error.code in TRANSIENT_CODES and push.resubmits < MAX_RESUBMITS:
+                self._resubmit(push, result.error)
                 continue
             claimed = self.pushes.claim_for_push(push.job_id)
             if claimed is None:
@@ -212,12 +225,20 @@ class Pusher:
             delivered += 1
         return delivered
 
-    def _resubmit(self, push: PendingPush) -> None:
+    def _resubmit(self, push: PendingPush, error) -> None:
         from labelassist.workers.contract import PredictRequest
 
-        log.warning("follow-up: job %s was lost by the queue; submitting task %s again", push.job_id, push.task_id)
-        self.queue.submit(PredictRequest.from_json(push.request), queue=push.queue)
-        self.pushes.update(_replace(push, resubmits=push.resubmits + 1))
+        request = PredictRequest.from_json(push.request)
+        if self.refresh is not None and error.code != "job_lost":
+            try:
+                request = self.refresh(push)
+            except (LabelassistError, OSError) as exc:  # keep the old request: the next failure says why
+                log.warning("follow-up: task %s: image not resolved again (%s); retrying as it was", push.task_id, exc)
+        log.warning("follow-up: task %s of project %s: %s (%s); submitting it again (%d of %d)", push.task_id,
+                    push.project_id, error.code, error.message, push.resubmits + 1, MAX_RESUBMITS)
+        self.queue.forget(push.job_id)  # a failed result is kept under the job id; the same id must run again
+        job_id = self.queue.submit(request, queue=push.queue)
+        self.pushes.update(_replace(push, job_id=job_id, request=request.to_json(), resubmits=push.resubmits + 1), push.job_id)
 
     def _retry_later(self, push: PendingPush, exc: Exception, now: float) -> None:
         if now - push.created_at > GIVE_UP_AFTER_S:

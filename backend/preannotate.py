@@ -126,7 +126,8 @@ class PreannotateNewTasks:
                 continue
             job_id = runtime.queue.submit(request, queue=QUEUE_BULK)
             runtime.pushes.add(PendingPush(job_id=job_id, task_id=task_id, project_id=event.project_id, model_version=version,
-                                           label_config=event.label_config, request=request.to_json(), queue=QUEUE_BULK))
+                                           label_config=event.label_config, request=request.to_json(), queue=QUEUE_BULK,
+                                           task_data=task["data"]))
             submitted += 1
         skipped = len(event.tasks) - submitted
         log.info("project %s: %d new tasks submitted for pre-annotation (model version %s)%s", event.project_id, submitted, version,

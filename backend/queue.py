@@ -30,6 +30,9 @@ JOB_RUNNING = "running"
 JOB_FINISHED = "finished"
 JOB_FAILED = "failed"
 JOB_MISSING = "missing"
+# Job failures that may pass: a worker died, the queue lost the job, the image could not be fetched
+# (a host down, a download token expired). A job that ended so is worth running again.
+TRANSIENT_CODES = frozenset({"worker_failed", "job_lost", "image_unavailable"})
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,12 @@ class QueueClient:
             description=description or job_id,
         )
         return job_id
+
+    def forget(self, job_id: str) -> None:
+        """Delete a job and its result, so submitting its request again runs it again."""
+        job = self._fetch(job_id)
+        if job is not None:
+            job.delete()
 
     def outcome(self, job_id: str) -> JobOutcome:
         """Any job's state and, when done, its return value or failure reason."""

@@ -396,7 +396,7 @@ class LabelassistModel:
                 # end with two).
                 runtime.pushes.add(PendingPush(job_id=job_id, task_id=int(tasks[i]["id"]), project_id=self.project_id,
                                                model_version=version, label_config=self.label_config,
-                                               request=request.to_json(), queue=QUEUE_PREDICT))
+                                               request=request.to_json(), queue=QUEUE_PREDICT, task_data=tasks[i]["data"]))
                 items[i] = []
                 late += 1
             elif not runtime.pushes.claim_for_reply(job_id):
@@ -487,6 +487,16 @@ class LabelStudioDelivery:
             prediction = failed_prediction(push.model_version)
         client.create_prediction(push.task_id, prediction["result"], prediction["score"], push.model_version)
         log.info("follow-up: wrote the prediction of task %s (project %s) to Label Studio", push.task_id, push.project_id)
+
+    def refresh(self, push: PendingPush) -> PredictRequest:
+        """The push's request made again from its task, with the image (and its download token) resolved afresh."""
+        if not push.task_data:
+            return PredictRequest.from_json(push.request)
+        model = LabelassistModel(push.project_id, push.label_config, self.runtime)
+        fresh = model.task_requests([{"id": push.task_id, "data": push.task_data}], push.model_version)[0]
+        if not isinstance(fresh, PredictRequest):
+            raise fresh
+        return fresh
 
     def _has_prediction(self, client, push: PendingPush) -> bool:
         items = client.request("GET", "/api/predictions/", params={"task": push.task_id})

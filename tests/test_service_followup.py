@@ -42,6 +42,9 @@ class FixedQueue:
         self.submitted.append(request)
         return request.job_id()
 
+    def forget(self, job_id):
+        self.results.pop(job_id, None)
+
 
 def region() -> Region:
     return Region(id="r" * 20, label="cat", score=0.9, margin=0.5, polygons_pct=(((10.0, 10.0), (50.0, 10.0), (30.0, 40.0)),),
@@ -157,6 +160,25 @@ def test_a_job_the_queue_lost_is_submitted_again(runtime):
     assert [r.task_id for r in queue.submitted] == ["11"]
     [again] = runtime.pushes.pending()
     assert again.resubmits == 1
+
+
+def test_a_job_whose_image_was_unavailable_runs_again_with_the_image_resolved_afresh(runtime, ls):
+    """Download tokens expire in the queue: the retry carries a fresh one, and the push follows the new job."""
+    failed = PredictResult(task_id="11", model_version=VERSION, error=JobFailure("image_unavailable", "HTTP 401"))
+    queue = FixedQueue({"job-1": failed})
+    pusher = Pusher(runtime.pushes, queue, LabelStudioDelivery(runtime), interval_s=1)
+    runtime.pushes.add(push(task_data={"image": "/data/upload/1/a.png"}))
+    assert pusher.run_once() == 0 and ls.created == []
+    [fresh] = queue.submitted
+    assert fresh.image.uri == f"{LS}/data/upload/1/a.png" and fresh.image.headers == {"Authorization": "Token legacy-token-1"}
+    [moved] = runtime.pushes.pending()
+    assert moved.job_id == fresh.job_id() and moved.resubmits == 1 and moved.request == fresh.to_json()
+    # Once the retries are spent, the failure is written as an empty prediction: the task is not left hanging.
+    queue.results[moved.job_id] = failed
+    for _ in range(3):
+        pusher.run_once()
+        queue.results[runtime.pushes.pending()[0].job_id if runtime.pushes.pending() else "none"] = failed
+    assert len(queue.submitted) == 3 and len(ls.created) == 1 and ls.created[0]["result"] == []
 
 
 def test_pending_records_are_json_round_trips():
