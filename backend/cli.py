@@ -240,7 +240,7 @@ def bootstrap(ls_url: str, token: str, project_id: int, task_filter: str | None,
         raise click.UsageError(f"bootstrap needs the queue's Redis URL: --redis-url or {ENV_PREFIX}REDIS_URL")
     try:
         connection = Redis.from_url(settings.redis_url, socket_timeout=30)
-        queue = QueueClient(connection, JobOptions(settings.job_timeout_s, settings.result_ttl_s, settings.failure_ttl_s))
+        queue = QueueClient(connection, JobOptions.from_settings(settings))
         client = LabelStudioClient(ls_url, token)
         run = Bootstrap(Runtime.build(settings, queue), client, project_id, task_ids=parse_task_filter(task_filter),
                         replace=replace, max_retries=max_retries, batch_size=batch_size, limit=limit, window=window,
@@ -423,7 +423,7 @@ def _runtime(settings):
     from labelassist.backend.service import Runtime
 
     connection = Redis.from_url(settings.redis_url, socket_timeout=10)
-    return Runtime.build(settings, QueueClient(connection, JobOptions(settings.job_timeout_s, settings.result_ttl_s, settings.failure_ttl_s)))
+    return Runtime.build(settings, QueueClient(connection, JobOptions.from_settings(settings)))
 
 
 def _format_heads(rows: list[dict]) -> str:

@@ -202,7 +202,7 @@ def serve(settings: Settings) -> None:
             for worker in workers:
                 worker.start()
         connection = Redis.from_url(redis_url)
-        queue = QueueClient(connection, JobOptions(settings.job_timeout_s, settings.result_ttl_s, settings.failure_ttl_s))
+        queue = QueueClient(connection, JobOptions.from_settings(settings))
         runtime = Runtime.build(settings, queue)
         store = open_settings_store(settings)
         sink = EventSink(store, CorrectionProcessor(store, runtime.fetch_prediction, hooks=event_hooks(runtime, store))).start()

@@ -59,6 +59,10 @@ class JobOptions:
     result_ttl_s: int
     failure_ttl_s: int
 
+    @classmethod
+    def from_settings(cls, settings) -> JobOptions:
+        return cls(settings.job_timeout_s, settings.result_ttl_s, settings.failure_ttl_s)
+
 
 class QueueClient:
     """Submit predict jobs and collect their results."""

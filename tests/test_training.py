@@ -22,7 +22,7 @@ from labelassist.workers.heads import BACKGROUND_TARGET, ConceptHead, HeadError,
 from labelassist.workers.training import TrainingOptions, calibrate_threshold, train
 
 from processes import running_worker
-from test_app_integration import write_png
+from test_app_integration import CONFIG, PROPOSALS, SCORING, write_png
 
 CONCEPTS = (Concept("cat"), Concept("dog"), Concept("bird"))
 
@@ -148,12 +148,7 @@ def test_scoring_uses_head_rows_for_known_labels_and_text_for_new_ones(tiny_mode
 
 # -- the loop on a real worker -------------------------------------------------------------------
 
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <PolygonLabels name="label" toName="image"><Label value="circle"/><Label value="square"/></PolygonLabels>
-</View>"""
-PROPOSALS = '{"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 0.9}'
-SCORING = '{"label_threshold": 0.0, "min_margin": 0.0, "background_prompts": ["a photo of a square"]}'
+# The same project and permissive job settings as the web tier's integration tests (tiny random weights).
 
 
 class RecordingClient:
