@@ -285,20 +285,27 @@ def annotate(prediction_items: list[dict], scene: Scene) -> tuple[list[dict], di
 class StubLabelStudio:
     """What the service asks Label Studio in this loop: predictions by id, the project, version updates."""
 
-    def __init__(self):
+    def __init__(self, backend_title: str):
         self.predictions: dict[int, dict] = {}
         self.model_versions: list[str] = []
+        self.backend = {"id": 1, "title": backend_title, "url": "http://labelassist.stub", "auth_method": "NONE"}
 
     def add_prediction(self, task_id: int, prediction: dict) -> int:
         pid = len(self.predictions) + 1
         self.predictions[pid] = dict(prediction, id=pid, task=task_id)
         return pid
 
-    def request(self, method: str, path: str, **kwargs):
+    def request(self, method: str, path: str, json=None, **kwargs):
         parts = [p for p in path.split("/") if p]
         if method == "GET" and parts[:2] == ["api", "predictions"] and len(parts) == 3:
             return self.predictions[int(parts[2])]
+        if method == "PATCH" and parts == ["api", "ml", "1"]:
+            self.backend.update(json)
+            return self.backend
         raise AssertionError(f"the loop does not expect {method} {path}")
+
+    def list_ml_backends(self, project_id: int) -> list[dict]:
+        return [self.backend]
 
     def get_project(self, project_id: int) -> dict:
         return {"id": project_id, "label_config": CONFIG}
@@ -358,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = Settings(redis_url=url, local_files_root=str(root / "files"), scoring=json.dumps(SCORING),
                                 ls_url="http://label-studio.stub", ls_token="stub-token-0123456789")
-            stub = StubLabelStudio()
+            stub = StubLabelStudio(pipeline.version)  # connected: our backend is titled with our version
             queue = QueueClient(connection, JobOptions(600, 3600, 3600))
             runtime = Runtime.build(settings, queue, client_factory=lambda url_, token: stub)
             store = SQLiteCorrectionStore(root / "corrections.sqlite3").open()
