@@ -235,12 +235,15 @@ class TrainingHook:
         self.wait_s = wait_s
 
     def __call__(self, payload: Mapping[str, Any]) -> None:
+        from labelassist.backend.service import parse_project_id
+
         project = payload.get("project")
-        project_id = project.get("id") if isinstance(project, Mapping) else project
-        if isinstance(project_id, bool) or not (isinstance(project_id, int) or (isinstance(project_id, str) and project_id.isdigit())):
-            raise TrainingError(f"START_TRAINING: expected the project (or its id) in the event, got {project!r}")
+        try:
+            project_id = parse_project_id(project.get("id") if isinstance(project, Mapping) else project)
+        except ValueError as exc:
+            raise TrainingError(f"START_TRAINING: {exc}") from None
         label_config = project.get("label_config") if isinstance(project, Mapping) else None
-        submitted = start_training(self.runtime, self.store, int(project_id), label_config if isinstance(label_config, str) else None)
+        submitted = start_training(self.runtime, self.store, project_id, label_config if isinstance(label_config, str) else None)
         threading.Thread(target=self._finish, args=(submitted,), name=f"labelassist-train-{project_id}", daemon=True).start()
 
     def _finish(self, submitted: Submitted) -> None:

@@ -359,3 +359,13 @@ def test_worker_refuses_to_mix_training_with_interactive_inference(redis_url):
 
     result = CliRunner().invoke(cli, ["worker", "--redis-url", redis_url, "--queues", "interactive,train"])
     assert result.exit_code == 2 and "never shares a worker" in result.output
+
+
+def test_start_training_event_without_a_project_fails_the_event_with_the_reason(redis_url, tmp_path):
+    from labelassist.backend.training import TrainingHook
+
+    store = SQLiteCorrectionStore(tmp_path / "c.sqlite3").open()
+    hook = TrainingHook(_runtime(redis_url, tmp_path, RecordingClient()), store)
+    for payload in ({"action": "START_TRAINING"}, {"action": "START_TRAINING", "project": {"id": "x"}}):
+        with pytest.raises(TrainingError, match="START_TRAINING: project"):
+            hook(payload)
