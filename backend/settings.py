@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from labelassist.workers.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from labelassist.workers.images import DEFAULT_EMBEDDING_CACHE_SIZE, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from labelassist.workers.weights import default_cache_dir
 
 ENV_PREFIX = "LABELASSIST_"
@@ -26,7 +26,6 @@ DEFAULT_JOB_TIMEOUT_S = 600  # one image through the whole pipeline, worst case 
 DEFAULT_INTERACTIVE_TIMEOUT_S = 60
 DEFAULT_RESULT_TTL_S = 24 * 3600  # finished results stay this long, so a late reader still finds them
 DEFAULT_FAILURE_TTL_S = 7 * 24 * 3600
-DEFAULT_EMBEDDING_CACHE_SIZE = 32  # SAM image embeddings kept per worker (LRU)
 DEFAULT_COMPILE_DECODER = "auto"  # on, off, or auto: on unless the models are tiny-random (start-up speed)
 DEFAULT_TORCH_THREADS = 0  # 0: leave torch's default
 DEFAULT_INTERACTIVE_WAIT_S = 30.0  # how long an interactive /predict waits for its one prompt

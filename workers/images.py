@@ -21,6 +21,7 @@ FETCH_TIMEOUT_S = (5.0, 60.0)  # (connect, read) for image downloads
 CHUNK_BYTES = 1 << 16
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # ~8000 x 8000; larger images are refused, not resized
+DEFAULT_EMBEDDING_CACHE_SIZE = 32  # SAM image embeddings a worker keeps (LRU), so a re-asked image skips the encoder
 ALPHA_BACKGROUND_RGB = (255, 255, 255)  # transparent pixels are shown on white, as viewers do
 
 

@@ -20,13 +20,17 @@ from labelassist.workers import geometry
 from labelassist.workers.contract import JobFailure, PredictRequest, PredictResult, Region
 from labelassist.workers.errors import ConceptError, LabelassistError, WeightsError
 from labelassist.workers.heads import ConceptHead, HeadError, versioned
-from labelassist.workers.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, load_image
+from labelassist.workers.images import (
+    DEFAULT_EMBEDDING_CACHE_SIZE,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    load_image,
+)
 from labelassist.workers.proposals import ImageEmbedding, ProposalGenerator, Proposals, SamEngine, masks_to_boxes_xyxy
 from labelassist.workers.scoring import ConceptScorer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EMBEDDING_CACHE_SIZE = 32
 REGION_ID_CHARS = 24  # hex digits; ids are deterministic per task, image, model and region
 
 
