@@ -128,16 +128,13 @@ class QueueClient:
         A job that failed for good (retries spent) or vanished yields a result
         whose ``error`` says so, so no task is silently dropped.
         """
-        job = self._fetch(job_id)
-        if job is None:
-            return _failure(job_id, "job_lost", "the job is unknown to the queue (expired or deleted); submit the task again")
-        status = job.get_status(refresh=False)
-        if status == JobStatus.FINISHED:
-            return PredictResult.from_json(job.return_value(refresh=False))
-        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-            if status == JobStatus.FAILED and job.retries_left:
-                return None  # RQ will run it again
-            return _failure(job_id, "worker_failed", f"the worker could not process this task: {_failure_reason(job, status)}")
+        outcome = self.outcome(job_id)
+        if outcome.status == JOB_MISSING:
+            return _failure(job_id, "job_lost", f"{outcome.error}; submit the task again")
+        if outcome.status == JOB_FINISHED:
+            return PredictResult.from_json(outcome.value)
+        if outcome.status == JOB_FAILED:
+            return _failure(job_id, "worker_failed", f"the worker could not process this task: {outcome.error}")
         return None
 
     def wait(self, job_ids: Iterable[str], timeout_s: float) -> dict[str, PredictResult]:
