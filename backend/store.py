@@ -381,8 +381,16 @@ class CorrectionStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Callable[..., Any]]:
+        """One write transaction on the store's connection, one at a time: yields ``execute(sql, params)``."""
+        with self._lock:
+            if self._conn is None:
+                raise StoreError("the correction store is closed")
+            with self._begin(self._conn) as execute:
+                yield execute
+
+    def _begin(self, conn: Any) -> contextlib.AbstractContextManager[Callable[..., Any]]:
+        """A transaction on ``conn``, committed when the block ends, rolled back when it raises."""
         raise NotImplementedError
-        yield  # pragma: no cover
 
     def _read_rows(self, sql: str, params: Sequence[Any]) -> Iterator[tuple]:
         raise NotImplementedError
@@ -631,22 +639,18 @@ class SQLiteCorrectionStore(CorrectionStore):
         return conn
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Callable[..., Any]]:
-        with self._lock:
-            if self._conn is None:
-                raise StoreError("the correction store is closed")
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreError(f"correction store {self.path}: cannot start a write ({exc})") from None
-            try:
-                yield conn.execute
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
-                conn.execute("COMMIT")
+    def _begin(self, conn: sqlite3.Connection) -> Iterator[Callable[..., Any]]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"correction store {self.path}: cannot start a write ({exc})") from None
+        try:
+            yield conn.execute
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
 
     def _read_rows(self, sql: str, params: Sequence[Any]) -> Iterator[tuple]:
         conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
@@ -692,19 +696,15 @@ class PostgresCorrectionStore(CorrectionStore):
             raise StoreError(f"cannot open the PostgreSQL correction store: {exc}") from None
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Callable[..., Any]]:
-        with self._lock:
-            if self._conn is None:
-                raise StoreError("the correction store is closed")
-            conn = self._conn
-            with conn.transaction():
-                cur = conn.cursor()
+    def _begin(self, conn) -> Iterator[Callable[..., Any]]:
+        with conn.transaction():
+            cur = conn.cursor()
 
-                def execute(sql: str, params: Sequence[Any] = ()) -> Any:
-                    cur.execute(self._sql(sql), params)
-                    return cur
+            def execute(sql: str, params: Sequence[Any] = ()) -> Any:
+                cur.execute(self._sql(sql), params)
+                return cur
 
-                yield execute
+            yield execute
 
     def _read_rows(self, sql: str, params: Sequence[Any]) -> Iterator[tuple]:
         psycopg = self._psycopg()
