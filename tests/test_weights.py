@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from labelassist.workers.errors import WeightsError
-from labelassist.workers.weights import SAM_WEIGHTS_OPTION, file_sha256, load_state_dict, resolve_weights
+from labelassist.workers.weights import SAM_WEIGHTS_OPTION, fetch_weights, file_sha256, load_state_dict
 
 BLOB = b"labelassist test weights\n" * 1000  # 25 kB: several chunks for the progress bar
 BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
@@ -73,7 +73,7 @@ def closed_port_url() -> str:
 
 def resolve(source, cache: Path, **kw) -> Path:
     args = dict(default_url=None, sha256=None, filename="w.pth", cache_dir=cache, what="test weights")
-    return resolve_weights(source, **{**args, **kw})
+    return fetch_weights(source, **{**args, **kw}).path
 
 
 def leftovers(cache: Path) -> list[str]:

@@ -85,32 +85,6 @@ def split_pinned_url(url: str) -> tuple[str, str | None]:
     return base, None
 
 
-def resolve_weights(
-    source: str | None,
-    *,
-    default_url: str | None,
-    sha256: str | None,
-    filename: str,
-    cache_dir: Path,
-    what: str,
-    option: str | None = None,
-    offline: bool = False,
-) -> Path:
-    """Path of a weights file on local disk, downloading it into the cache if needed.
-
-    ``source``: a local path (used as is; it must exist), an http(s) URL, or
-    None for ``default_url``. ``sha256`` pins the download (a ``#sha256=`` URL
-    fragment pins a URL given as ``source``). The registry's file is cached as
-    ``cache_dir/filename``; a URL given as ``source`` is cached under its own
-    name prefixed with a hash of the URL, so two URLs ending in ``model.pth``
-    never share a cache entry. ``what`` names the file for people ("SAM vit_b
-    checkpoint"); ``option`` says how to point at a local copy. ``offline``:
-    never touch the network; only a cached file will do.
-    """
-    return fetch_weights(source, default_url=default_url, sha256=sha256, filename=filename, cache_dir=cache_dir,
-                         what=what, option=option, offline=offline).path
-
-
 def fetch_weights(
     source: str | None,
     *,
@@ -122,8 +96,19 @@ def fetch_weights(
     option: str | None = None,
     offline: bool = False,
 ) -> ResolvedWeights:
-    """``resolve_weights`` that also returns the file's sha256, so callers recording
-    provenance do not read a multi-gigabyte file a second time."""
+    """A weights file on local disk (``.path``) and its sha256, downloading it into the cache if needed.
+
+    ``source``: a local path (used as is; it must exist), an http(s) URL, or
+    None for ``default_url``. ``sha256`` pins the download (a ``#sha256=`` URL
+    fragment pins a URL given as ``source``). The registry's file is cached as
+    ``cache_dir/filename``; a URL given as ``source`` is cached under its own
+    name prefixed with a hash of the URL, so two URLs ending in ``model.pth``
+    never share a cache entry. ``what`` names the file for people ("SAM vit_b
+    checkpoint"); ``option`` says how to point at a local copy. ``offline``:
+    never touch the network; only a cached file will do. The sha256 comes
+    along so callers recording provenance do not read a multi-gigabyte file a
+    second time.
+    """
     option = option or _ANY_OPTION
     if source is not None and source.startswith("file://"):
         source = unquote(urlsplit(source).path)
