@@ -427,13 +427,7 @@ class RegionCorrection:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RegionCorrection:
         _require(isinstance(data, Mapping), f"region correction: expected a JSON object, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        _require(not unknown, f"region correction: unknown field(s) {unknown}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise CorrectionError(f"region correction: {exc}") from None
+        return _build(cls, data, "region correction")
 
 
 @dataclass(frozen=True)
@@ -485,13 +479,17 @@ class AnnotationCorrection:
         _require(isinstance(data, Mapping), f"annotation correction: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
         data["regions"] = tuple(RegionCorrection.from_json(r) for r in data.get("regions", ()))
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        _require(not unknown, f"annotation correction: unknown field(s) {unknown}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise CorrectionError(f"annotation correction: {exc}") from None
+        return _build(cls, data, "annotation correction")
+
+
+def _build(cls, data: Mapping[str, Any], what: str):
+    """``cls(**data)``, naming unknown and missing fields as a CorrectionError."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    _require(not unknown, f"{what}: unknown field(s) {unknown}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise CorrectionError(f"{what}: {exc}") from None
 
 
 # --- the diff ------------------------------------------------------------------------
