@@ -332,7 +332,7 @@ class LabelassistModel:
         head = split_version(version)[1] or ""
         link = link if link is not None else self.runtime.projects.get(self.project_id)
         access, client = self._image_access(link), self.runtime.client(link)
-        proposals, scoring = self._job_settings(link)
+        proposals, scoring = self.job_settings(link)
         out: list[PredictRequest | LabelassistError] = []
         for task in tasks:
             try:
@@ -343,7 +343,7 @@ class LabelassistModel:
                 out.append(exc)
         return out
 
-    def _job_settings(self, link: ProjectLink | None = None) -> tuple[ProposalSettings, ScoringSettings]:
+    def job_settings(self, link: ProjectLink | None = None) -> tuple[ProposalSettings, ScoringSettings]:
         """Defaults <- serve settings <- the project's ``extra_params`` <- the config's control attributes."""
         link = link if link is not None else self.runtime.projects.get(self.project_id)
         extra = link.extra_params if link else {}

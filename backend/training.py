@@ -208,7 +208,7 @@ def project_concepts(runtime, project_id: int, label_config: str | None = None) 
                                 "/setup for it) and no Label Studio URL and token are set to fetch it")
         config = client.get_project(project_id).get("label_config") or ""
     model = LabelassistModel(project_id, config, runtime)
-    _, scoring = model._job_settings(link)
+    _, scoring = model.job_settings(link)
     return model.config.concepts(), scoring.background_prompts
 
 
